@@ -1,0 +1,124 @@
+"""Shared timing and reporting for the benchmark scripts: warm-up, alternating repeats, medians, JSON + chart.
+
+Every script runs its variants side by side in one process, on whatever device MLX has (CPU here, CUDA on a
+lent NVIDIA card, Metal on a Mac), and writes `assets/bench/<name>.json` (device, MLX version, date, config,
+per-variant median seconds and peak memory) plus a bar chart next to it.
+"""
+
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets" / "bench"
+
+
+def device_name() -> str:
+    """A readable name of the device MLX computes on, e.g. 'NVIDIA H100 80GB HBM3 (cuda)' or 'Apple M3 Max (gpu)'."""
+    info = mx.device_info()
+    name = info.get("device_name") or info.get("architecture") or platform.processor() or "unknown"
+    kind = "cuda" if mx.cuda.is_available() else ("metal" if mx.metal.is_available() else "cpu")
+    if kind == "cpu":
+        name = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    return f"{name} ({kind})"
+
+
+def sync(*arrays):
+    """Evaluate and wait: `mx.eval` blocks until the device has finished."""
+    mx.eval(*arrays)
+    mx.synchronize()
+
+
+def time_call(fn, repeats: int = 5, warmup: int = 2) -> list[float]:
+    """Seconds per call of fn() (which returns arrays to evaluate), after warm-up."""
+    for _ in range(warmup):
+        sync(fn())
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sync(fn())
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def time_variants(variants: dict, repeats: int = 5, warmup: int = 2) -> dict:
+    """Time several zero-argument callables side by side: warm each, then alternate them repeat by repeat so
+    drift (thermal state, other load) hits all alike. Returns {name: {median_s, min_s, times_s, peak_gb}}."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            sync(fn())
+    times = {k: [] for k in variants}
+    peaks = {k: 0.0 for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            gc.collect()
+            mx.reset_peak_memory()
+            t = time.perf_counter()
+            sync(fn())
+            times[name].append(time.perf_counter() - t)
+            peaks[name] = max(peaks[name], mx.get_peak_memory() / 1e9)
+    return {
+        k: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v, "peak_gb": round(peaks[k], 3)}
+        for k, v in times.items()
+    }
+
+
+def write_report(name: str, config: dict, results: dict, notes: str = "", out_dir: Path | None = None) -> Path:
+    """Write `<name>.json` (and `<name>.png` when matplotlib is there) and return the JSON path."""
+    out_dir = Path(out_dir or os.environ.get("QWEN_NB_BENCH_OUT") or ASSETS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "name": name,
+        "device": device_name(),
+        "mlx_version": mx.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "config": config,
+        "results": results,
+        "notes": notes,
+    }
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2))
+    try:
+        chart(report, out_dir / f"{name}.png")
+    except ImportError:
+        pass
+    return path
+
+
+def chart(report: dict, path: Path) -> None:
+    """Horizontal bars of median seconds per variant, labelled with time and peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    names = list(res)
+    med = [res[k]["median_s"] for k in names]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.4))
+    bars = ax.barh(names, med, color="#4C72B0")
+    for bar, k in zip(bars, names):
+        peak = res[k].get("peak_gb")
+        label = f" {res[k]['median_s']:.4g} s" + (f", {peak:.3g} GB" if peak else "")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("median seconds (lower is better)")
+    ax.set_title(f"{report['name']} on {report['device']}, MLX {report['mlx_version']}", fontsize=9)
+    ax.set_xlim(0, max(med) * 1.35)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(results: dict) -> None:
+    base = None
+    for name, r in results.items():
+        base = base or r["median_s"]
+        print(f"{name:40s} {r['median_s'] * 1e3:10.2f} ms  x{base / r['median_s']:5.2f}  peak {r.get('peak_gb', 0):.2f} GB")

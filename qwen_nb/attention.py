@@ -1,0 +1,73 @@
+"""Joint text-image attention of the MMDiT block: diffusers' `Attention` with `QwenDoubleStreamAttnProcessor2_0`.
+
+Each stream has its own q/k/v projections and per-head QK RMSNorm; the two are concatenated text-then-image,
+rotated by the 3-D RoPE and attend jointly. Returns (img, txt) of the input shapes.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .rmsnorm import RMSNorm
+from .rope import apply_rope, apply_rope_fused
+from .switches import Switches
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+    """softmax(q k^T * scale) v written out, softmax in float32. q, k, v: (B, H, S, D); mask: bool, True = attend."""
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
+    return weights @ v
+
+
+def joint_key_mask(text_mask: mx.array, num_image: int) -> mx.array:
+    """(B, L) text mask -> (B, 1, 1, L + N) bool key mask; image keys are always visible."""
+    B = text_mask.shape[0]
+    keep = mx.concatenate([text_mask.astype(mx.bool_), mx.ones((B, num_image), dtype=mx.bool_)], axis=1)
+    return keep[:, None, None, :]
+
+
+class JointAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6, switches: Switches | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.scale = head_dim**-0.5
+        self.switches = switches = switches or Switches()
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.add_q_proj = nn.Linear(dim, inner)
+        self.add_k_proj = nn.Linear(dim, inner)
+        self.add_v_proj = nn.Linear(dim, inner)
+        self.norm_q = RMSNorm(head_dim, eps, switches)
+        self.norm_k = RMSNorm(head_dim, eps, switches)
+        self.norm_added_q = RMSNorm(head_dim, eps, switches)
+        self.norm_added_k = RMSNorm(head_dim, eps, switches)
+        self.to_out = [nn.Linear(inner, dim)]  # diffusers' to_out.1 is a Dropout: nothing to load
+        self.to_add_out = nn.Linear(inner, dim)
+
+    def __call__(self, img: mx.array, txt: mx.array, rope, mask: mx.array | None = None):
+        """img (B, N, D), txt (B, L, D); rope = (cos, sin) of (L + N, head_dim/2); mask (B,1,1,L+N) or None."""
+        B, N, _ = img.shape
+        L = txt.shape[1]
+        H = self.heads
+
+        def heads(x, S):
+            return x.reshape(B, S, H, -1)  # (B, S, H, Dh)
+
+        q = mx.concatenate([self.norm_added_q(heads(self.add_q_proj(txt), L)), self.norm_q(heads(self.to_q(img), N))], 1)
+        k = mx.concatenate([self.norm_added_k(heads(self.add_k_proj(txt), L)), self.norm_k(heads(self.to_k(img), N))], 1)
+        v = mx.concatenate([heads(self.add_v_proj(txt), L), heads(self.to_v(img), N)], 1)
+
+        rotate = apply_rope_fused if self.switches.fused_modulation else apply_rope
+        q, k = rotate(q, *rope), rotate(k, *rope)
+
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L+N, Dh)
+        if self.switches.fast_attention:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        else:
+            o = attention(q, k, v, self.scale, mask)
+        o = o.transpose(0, 2, 1, 3).reshape(B, L + N, -1)
+        return self.to_out[0](o[:, L:]), self.to_add_out(o[:, :L])

@@ -1,0 +1,70 @@
+"""Qwen-Image's 3-D rotary position embedding, as diffusers' `QwenEmbedRope(theta=10000, scale_rope=True)`.
+
+The head dimension (128) is split into three axes, (frame, height, width) = (16, 56, 56) channels, i.e.
+8 + 28 + 28 = 64 rotation frequencies. Channels are rotated in interleaved pairs (x[2i], x[2i+1]), not the
+half-split layout of the text encoder. Image positions are centred on the patch grid; text token j sits at
+max(h//2, w//2) + j on all three axes, just past the largest image position.
+
+`rope_table` returns cos and sin of shape (L + N, 64) in float32, text rows first, then image rows in row-major
+grid order: the order of the joint attention sequence.
+"""
+
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+
+def axis_frequencies(dim: int, theta: float = 10000.0) -> np.ndarray:
+    """The dim/2 rotation frequencies of one axis, theta^(-2k/dim), rounded to float32 once."""
+    return (1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32)
+
+
+def image_positions(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column position of each of the h*w image tokens (row-major), centred: rows -(h - h//2)..h//2-1."""
+    rows = np.arange(h) - (h - h // 2)
+    cols = np.arange(w) - (w - w // 2)
+    return np.repeat(rows, w), np.tile(cols, h)
+
+
+def rope_angles(h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: float = 10000.0) -> np.ndarray:
+    """Rotation angles (text_len + h*w, sum(axes_dims)//2) in float32: text rows first, then the image grid."""
+    f_frame, f_row, f_col = (axis_frequencies(d, theta) for d in axes_dims)
+    rows, cols = image_positions(h, w)
+    image = np.concatenate(
+        [
+            np.zeros((h * w, len(f_frame)), np.float32),  # frame index 0 for a single image
+            rows[:, None].astype(np.float32) * f_row[None],
+            cols[:, None].astype(np.float32) * f_col[None],
+        ],
+        axis=1,
+    )
+    start = max(h // 2, w // 2)
+    text_pos = np.arange(start, start + text_len, dtype=np.float32)[:, None]
+    text = text_pos * np.concatenate([f_frame, f_row, f_col])[None]
+    return np.concatenate([text, image], axis=0)
+
+
+def build_rope_table(h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: float = 10000.0):
+    """(cos, sin), each (text_len + h*w, 64) float32 mx.arrays, in joint [text, image] order."""
+    a = rope_angles(h, w, text_len, tuple(axes_dims), theta).astype(np.float64)
+    return mx.array(np.cos(a).astype(np.float32)), mx.array(np.sin(a).astype(np.float32))
+
+
+@lru_cache(maxsize=16)
+def rope_table(h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: float = 10000.0):
+    """`build_rope_table`, computed once per (grid, text length) and reused across blocks and steps."""
+    return build_rope_table(h, w, text_len, tuple(axes_dims), theta)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate interleaved channel pairs of x (B, S, H, D) by the angles of cos/sin (S, D/2), in float32."""
+    B, S, H, D = x.shape
+    xf = x.astype(mx.float32).reshape(B, S, H, D // 2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = mx.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+    return out.reshape(B, S, H, D).astype(x.dtype)
+
+
+apply_rope_fused = mx.compile(apply_rope)

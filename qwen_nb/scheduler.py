@@ -1,0 +1,128 @@
+"""Sampling between transformer calls: diffusers' `FlowMatchEulerDiscreteScheduler` with Qwen-Image's config,
+the 2x2 latent packing of `QwenImagePipeline._pack_latents`, and its norm-rescaled CFG combine.
+
+Sigma schedule: linspace(1, 1/N, N), an exponential time shift by mu (linear in the image sequence length),
+then a stretch so the last sigma is `shift_terminal`; Euler steps x += (sigma_{i+1} - sigma_i) * v.
+"""
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass
+class SchedulerConfig:
+    """`scheduler/scheduler_config.json` of Qwen/Qwen-Image (not the class defaults, which differ)."""
+
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    shift_terminal: float | None = 0.02
+    num_train_timesteps: int = 1000
+    use_dynamic_shifting: bool = True
+    time_shift_type: str = "exponential"
+    shift: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SchedulerConfig":
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                   "invert_sigmas", "stochastic_sampling") if d.get(k)]
+        if unsupported:
+            raise ValueError(f"scheduler options {unsupported} are not supported by qwen_nb's flow-match Euler")
+        if cfg.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"unknown time_shift_type {cfg.time_shift_type!r}; expected 'exponential' or 'linear'")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path) -> "SchedulerConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def calculate_shift(image_seq_len: int, cfg: SchedulerConfig) -> float:
+    """mu, linear in the number of image tokens: base_shift at base_image_seq_len, max_shift at max_image_seq_len."""
+    m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    return image_seq_len * m + (cfg.base_shift - m * cfg.base_image_seq_len)
+
+
+def flow_match_sigmas(steps: int, image_seq_len: int, cfg: SchedulerConfig | None = None) -> np.ndarray:
+    """The steps + 1 sigmas, float32, ending in 0, exactly as diffusers computes them."""
+    cfg = cfg or SchedulerConfig()
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+    if cfg.use_dynamic_shifting:
+        mu = calculate_shift(image_seq_len, cfg)
+        if cfg.time_shift_type == "exponential":
+            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+        else:
+            s = mu / (mu + (1 / s - 1))
+    else:
+        s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
+    if cfg.shift_terminal:
+        one_minus = 1 - s
+        s = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
+    return np.concatenate([s.astype(np.float32), np.zeros(1, np.float32)])
+
+
+class FlowMatchEulerScheduler:
+    """`set_timesteps(steps, image_seq_len)` then `step(v, i, x)` for i = 0..steps-1."""
+
+    def __init__(self, config: SchedulerConfig | None = None):
+        self.config = config or SchedulerConfig()
+        self.sigmas = None
+        self.timesteps = None
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "FlowMatchEulerScheduler":
+        """From a checkpoint's `scheduler/` folder (or the pipeline folder holding it); the real config if absent."""
+        folder = Path(folder)
+        for path in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
+            if path.exists():
+                return cls(SchedulerConfig.from_file(path))
+        return cls()
+
+    def set_timesteps(self, steps: int, image_seq_len: int) -> np.ndarray:
+        self.sigmas = flow_match_sigmas(steps, image_seq_len, self.config)
+        self.timesteps = self.sigmas[:-1] * self.config.num_train_timesteps
+        return self.timesteps
+
+    def step(self, v: mx.array, i: int, x: mx.array) -> mx.array:
+        """One Euler step from sigma_i to sigma_{i+1}; accumulates in float32, returns v's dtype (as diffusers)."""
+        if self.sigmas is None:
+            raise RuntimeError("call set_timesteps(steps, image_seq_len) before step()")
+        dt = float(self.sigmas[i + 1] - self.sigmas[i])
+        return (x.astype(mx.float32) + dt * v).astype(v.dtype)
+
+
+def pack_latents(z: mx.array) -> mx.array:
+    """(B, C, H, W) latents -> (B, (H/2)(W/2), 4C) tokens; channel index c*4 + dy*2 + dx, tokens row-major."""
+    B, C, H, W = z.shape
+    if H % 2 or W % 2:
+        raise ValueError(f"latent height and width must be even to pack 2x2 patches, got {H}x{W}")
+    z = z.reshape(B, C, H // 2, 2, W // 2, 2).transpose(0, 2, 4, 1, 3, 5)  # (B, H/2, W/2, C, 2, 2)
+    return z.reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack_latents(x: mx.array, grid: tuple[int, int]) -> mx.array:
+    """(B, h*w, 4C) tokens of a (h, w) patch grid -> (B, C, 2h, 2w) latents; the inverse of `pack_latents`."""
+    B, N, C4 = x.shape
+    h, w = grid
+    if h * w != N:
+        raise ValueError(f"grid {h}x{w} has {h * w} patches, but there are {N} tokens")
+    x = x.reshape(B, h, w, C4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)  # (B, C, h, 2, w, 2)
+    return x.reshape(B, C4 // 4, 2 * h, 2 * w)
+
+
+def cfg_combine(cond: mx.array, uncond: mx.array, scale: float) -> mx.array:
+    """Classifier-free guidance with Qwen-Image's rescale: the combined velocity keeps each token's norm of `cond`."""
+    comb = uncond + scale * (cond - uncond)
+    cond_norm = mx.linalg.norm(cond.astype(mx.float32), axis=-1, keepdims=True)
+    comb_norm = mx.linalg.norm(comb.astype(mx.float32), axis=-1, keepdims=True)
+    return (comb * (cond_norm / comb_norm)).astype(cond.dtype)

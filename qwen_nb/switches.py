@@ -1,0 +1,28 @@
+"""Every speed technique of the course as an on/off switch, so one model runs naive or fast.
+
+`Switches()` is the optimized default; `Switches.baseline()` turns everything off. A benchmark flips one field at
+a time (`dataclasses.replace(Switches(), fast_attention=False)`) and `model.set_switches(...)` applies it to
+every module of a built model. Notebook 10 and `benchmarks/` measure what each one is worth.
+"""
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Switches:
+    rope_cache: bool = True  # RoPE tables built once per (grid, text length), not in every block
+    timestep_cache: bool = True  # sinusoid frequencies built once, not at every call
+    fast_attention: bool = True  # mx.fast.scaled_dot_product_attention, not softmax(QK^T)V written out
+    fast_rms_norm: bool = True  # mx.fast.rms_norm, not mean/rsqrt written out
+    fast_gelu: bool = True  # the tanh GELU as one compiled kernel, not a chain of elementwise ops
+    fast_layer_norm: bool = True  # mx.fast.layer_norm without weights, not mean/var written out
+    fused_modulation: bool = True  # LayerNorm+scale+shift, gate+residual and RoPE as fused kernels
+
+    @classmethod
+    def baseline(cls) -> "Switches":
+        """Every technique off: the naive model the notebooks start from."""
+        return cls(**{f.name: False for f in fields(cls)})
+
+    def only(self, **changes) -> "Switches":
+        """A copy with some switches changed."""
+        return replace(self, **changes)

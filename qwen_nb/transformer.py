@@ -1,0 +1,266 @@
+"""The Qwen-Image MMDiT: diffusers' `QwenImageTransformer2DModel` and `QwenImageTransformerBlock`.
+
+Parameter names are diffusers' names verbatim (`transformer_blocks.3.img_mod.1.weight`, `...attn.to_q.bias`,
+`...img_mlp.net.0.proj.weight`), so a diffusers state dict loads strictly with `model.load_weights`.
+`model(latents (B, N, 64), text (B, L, 3584), sigma (B,), grid=(h, w)) -> velocity (B, N, 64)`.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import JointAttention, joint_key_mask
+from .rmsnorm import RMSNorm
+from .rope import build_rope_table, rope_table
+from .switches import Switches
+from .timestep_embedder import QwenTimestepProjEmbeddings
+
+
+@dataclass
+class TransformerConfig:
+    """`transformer/config.json` of Qwen/Qwen-Image; the defaults are the real 20B checkpoint."""
+
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int = 16
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    axes_dims_rope: tuple = (16, 56, 56)
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        self.axes_dims_rope = tuple(self.axes_dims_rope)
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(
+                f"axes_dims_rope {list(self.axes_dims_rope)} sums to {sum(self.axes_dims_rope)}, but it must sum to "
+                f"attention_head_dim = {self.attention_head_dim}: each RoPE axis rotates its own slice of a head."
+            )
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"every entry of axes_dims_rope {list(self.axes_dims_rope)} must be even (channel pairs)")
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        """From a `config.json` dict; keys this model does not use (`_class_name`, `guidance_embeds`...) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "TransformerConfig":
+        """A 2-layer, 2-head, 64-wide model with the real structure, for tests and the CPU notebooks."""
+        base = dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
+                    axes_dims_rope=(8, 12, 12))
+        return cls(**{**base, **overrides})
+
+
+def layer_norm(x: mx.array, eps: float) -> mx.array:
+    """LayerNorm without affine parameters written out, statistics in float32."""
+    xf = x.astype(mx.float32)
+    mu = mx.mean(xf, axis=-1, keepdims=True)
+    xc = xf - mu
+    var = mx.mean(xc * xc, axis=-1, keepdims=True)
+    return (xc * mx.rsqrt(var + eps)).astype(x.dtype)
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """The tanh approximation of GELU written out as separate ops, in x's dtype."""
+    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+@mx.compile
+def gelu_tanh_fused(x: mx.array) -> mx.array:
+    """The tanh GELU as one compiled kernel, computed in float32 as torch does for half inputs."""
+    return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def gate_residual(h: mx.array, gate: mx.array, y: mx.array) -> mx.array:
+    return h + gate[:, None] * y
+
+
+modulate_fused = mx.compile(modulate)
+gate_residual_fused = mx.compile(gate_residual)
+
+
+class Identity(nn.Module):
+    def __call__(self, x):
+        return x
+
+
+class GELUProj(nn.Module):
+    def __init__(self, dim: int, hidden: int, switches: Switches):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+        self.switches = switches
+
+    def __call__(self, x):
+        x = self.proj(x)
+        return gelu_tanh_fused(x) if self.switches.fast_gelu else gelu_tanh(x)
+
+
+class FeedForward(nn.Module):
+    """diffusers' `FeedForward(activation_fn="gelu-approximate")`: net.0.proj -> GELU -> (dropout) -> net.2."""
+
+    def __init__(self, dim: int, switches: Switches, mult: int = 4):
+        super().__init__()
+        self.net = [GELUProj(dim, mult * dim, switches), Identity(), nn.Linear(mult * dim, dim)]
+
+    def __call__(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    """One dual-stream MMDiT block; returns (img, txt) of the input shapes."""
+
+    def __init__(self, config: TransformerConfig, switches: Switches):
+        super().__init__()
+        D = config.dim
+        self.eps = config.eps
+        self.switches = switches
+        self.img_mod = [nn.SiLU(), nn.Linear(D, 6 * D)]
+        self.txt_mod = [nn.SiLU(), nn.Linear(D, 6 * D)]
+        self.attn = JointAttention(D, config.num_attention_heads, config.attention_head_dim, config.eps, switches)
+        self.img_mlp = FeedForward(D, switches)
+        self.txt_mlp = FeedForward(D, switches)
+
+    def modulation(self, temb: mx.array) -> tuple[mx.array, mx.array]:
+        """(img, txt) modulation parameters (B, 6D) from the timestep embedding: they depend on sigma only."""
+        return self.img_mod[1](nn.silu(temb)), self.txt_mod[1](nn.silu(temb))
+
+    def _norm_modulate(self, x, shift, scale):
+        sw = self.switches
+        if sw.fused_modulation and sw.fast_layer_norm and shift.shape[0] == 1:
+            # LayerNorm, scale and shift in one kernel: the modulation is the norm's affine weight and bias
+            return mx.fast.layer_norm(x, 1 + scale[0], shift[0], self.eps)
+        x = mx.fast.layer_norm(x, None, None, self.eps) if sw.fast_layer_norm else layer_norm(x, self.eps)
+        return (modulate_fused if sw.fused_modulation else modulate)(x, shift, scale)
+
+    def _residual(self, h, gate, y):
+        return (gate_residual_fused if self.switches.fused_modulation else gate_residual)(h, gate, y)
+
+    def __call__(self, img, txt, mod, rope, mask=None):
+        """img (B, N, D), txt (B, L, D); mod = (img_mod, txt_mod) from `modulation`; rope = (cos, sin)."""
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mx.split(mod[0], 6, axis=-1)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = mx.split(mod[1], 6, axis=-1)
+
+        img_attn, txt_attn = self.attn(
+            self._norm_modulate(img, img_shift1, img_scale1),
+            self._norm_modulate(txt, txt_shift1, txt_scale1),
+            rope,
+            mask,
+        )
+        img = self._residual(img, img_gate1, img_attn)
+        txt = self._residual(txt, txt_gate1, txt_attn)
+
+        img = self._residual(img, img_gate2, self.img_mlp(self._norm_modulate(img, img_shift2, img_scale2)))
+        txt = self._residual(txt, txt_gate2, self.txt_mlp(self._norm_modulate(txt, txt_shift2, txt_scale2)))
+        return img, txt
+
+
+class AdaLayerNormContinuous(nn.Module):
+    """diffusers' output norm: LayerNorm(x) * (1 + scale) + shift, with scale FIRST in the projected embedding."""
+
+    def __init__(self, dim: int, eps: float, switches: Switches):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.eps = eps
+        self.switches = switches
+
+    def modulation(self, temb: mx.array) -> mx.array:
+        return self.linear(nn.silu(temb))
+
+    def __call__(self, x: mx.array, mod: mx.array) -> mx.array:
+        scale, shift = mx.split(mod, 2, axis=-1)
+        if self.switches.fused_modulation and self.switches.fast_layer_norm and mod.shape[0] == 1:
+            return mx.fast.layer_norm(x, 1 + scale[0], shift[0], self.eps)
+        sw = self.switches
+        x = mx.fast.layer_norm(x, None, None, self.eps) if sw.fast_layer_norm else layer_norm(x, self.eps)
+        return (modulate_fused if sw.fused_modulation else modulate)(x, shift, scale)
+
+
+class QwenImageTransformer(nn.Module):
+    def __init__(self, config: TransformerConfig | None = None, switches: Switches | None = None):
+        super().__init__()
+        self.config = config = config or TransformerConfig()
+        self.switches = switches = switches or Switches()
+        D = config.dim
+        self.img_in = nn.Linear(config.in_channels, D)
+        self.txt_norm = RMSNorm(config.joint_attention_dim, config.eps, switches)
+        self.txt_in = nn.Linear(config.joint_attention_dim, D)
+        self.time_text_embed = QwenTimestepProjEmbeddings(D, switches=switches)
+        self.transformer_blocks = [TransformerBlock(config, switches) for _ in range(config.num_layers)]
+        self.norm_out = AdaLayerNormContinuous(D, config.eps, switches)
+        self.proj_out = nn.Linear(D, config.patch_size**2 * config.out_channels)
+
+    def set_switches(self, switches: Switches) -> None:
+        """Apply a set of switches to this model and every module in it."""
+        for _, m in self.named_modules():
+            if hasattr(m, "switches"):
+                m.switches = switches
+
+    def modulations(self, sigma: mx.array, dtype: mx.Dtype | None = None):
+        """All modulation parameters for one sigma (B,): ([(img_mod, txt_mod)] per block, out_mod).
+
+        They depend on sigma alone, so they can be computed once for a whole schedule and reused."""
+        dtype = dtype or self.img_in.weight.dtype
+        temb = self.time_text_embed(sigma.astype(dtype), dtype)
+        return [b.modulation(temb) for b in self.transformer_blocks], self.norm_out.modulation(temb)
+
+    def rope(self, h: int, w: int, text_len: int):
+        """The joint (cos, sin) RoPE table for a (h, w) patch grid and text_len tokens."""
+        make = rope_table if self.switches.rope_cache else build_rope_table
+        return make(h, w, text_len, self.config.axes_dims_rope)
+
+    def __call__(
+        self,
+        latents: mx.array,
+        text: mx.array,
+        sigma: mx.array | None,
+        grid: tuple[int, int],
+        text_mask: mx.array | None = None,
+        *,
+        mods=None,
+        block_hook=None,
+    ) -> mx.array:
+        """latents (B, N, in_channels), text (B, L, joint_attention_dim), sigma (B,) or (1,) -> (B, N, 64).
+
+        `text_mask` (B, L), 1 for real tokens, hides padded text keys. `mods` takes precomputed
+        `modulations(sigma)` instead of sigma; `block_hook(i, img, txt)` is called after each block
+        (for the eval-placement experiment) and may return replacements."""
+        B, N, C = latents.shape
+        h, w = grid
+        if h * w != N:
+            raise ValueError(f"grid {h}x{w} has h*w = {h * w} patches, but latents have N = {N} tokens")
+        if C != self.config.in_channels:
+            raise ValueError(f"latents have {C} channels; this transformer expects {self.config.in_channels}")
+        if text.shape[-1] != self.config.joint_attention_dim:
+            raise ValueError(
+                f"text embeddings have width {text.shape[-1]}; expected {self.config.joint_attention_dim}"
+            )
+        L = text.shape[1]
+        img = self.img_in(latents)
+        txt = self.txt_in(self.txt_norm(text))
+        if mods is None:
+            mods = self.modulations(sigma, img.dtype)
+        block_mods, out_mod = mods
+        mask = None if text_mask is None else joint_key_mask(text_mask, N)
+
+        cached = self.switches.rope_cache
+        rope = self.rope(h, w, L) if cached else None
+        for i, block in enumerate(self.transformer_blocks):
+            if not cached:  # the seed's baseline: the table rebuilt inside every block
+                rope = build_rope_table(h, w, L, self.config.axes_dims_rope)
+            img, txt = block(img, txt, block_mods[i], rope, mask)
+            if block_hook is not None:
+                img, txt = block_hook(i, img, txt) or (img, txt)
+        return self.proj_out(self.norm_out(img, out_mod))
