@@ -121,4 +121,6 @@ def print_table(results: dict) -> None:
     base = None
     for name, r in results.items():
         base = base or r["median_s"]
-        print(f"{name:40s} {r['median_s'] * 1e3:10.2f} ms  x{base / r['median_s']:5.2f}  peak {r.get('peak_gb', 0):.2f} GB")
+        print(
+            f"{name:40s} {r['median_s'] * 1e3:10.2f} ms  x{base / r['median_s']:5.2f}  peak {r.get('peak_gb', 0):.2f} GB"
+        )

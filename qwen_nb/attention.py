@@ -57,8 +57,12 @@ class JointAttention(nn.Module):
         def heads(x, S):
             return x.reshape(B, S, H, -1)  # (B, S, H, Dh)
 
-        q = mx.concatenate([self.norm_added_q(heads(self.add_q_proj(txt), L)), self.norm_q(heads(self.to_q(img), N))], 1)
-        k = mx.concatenate([self.norm_added_k(heads(self.add_k_proj(txt), L)), self.norm_k(heads(self.to_k(img), N))], 1)
+        q = mx.concatenate(
+            [self.norm_added_q(heads(self.add_q_proj(txt), L)), self.norm_q(heads(self.to_q(img), N))], 1
+        )
+        k = mx.concatenate(
+            [self.norm_added_k(heads(self.add_k_proj(txt), L)), self.norm_k(heads(self.to_k(img), N))], 1
+        )
         v = mx.concatenate([heads(self.add_v_proj(txt), L), heads(self.to_v(img), N)], 1)
 
         rotate = apply_rope_fused if self.switches.fused_modulation else apply_rope

@@ -32,8 +32,17 @@ class SchedulerConfig:
     def from_dict(cls, d: dict) -> "SchedulerConfig":
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
-        unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                                   "invert_sigmas", "stochastic_sampling") if d.get(k)]
+        unsupported = [
+            k
+            for k in (
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "invert_sigmas",
+                "stochastic_sampling",
+            )
+            if d.get(k)
+        ]
         if unsupported:
             raise ValueError(f"scheduler options {unsupported} are not supported by qwen_nb's flow-match Euler")
         if cfg.time_shift_type not in ("exponential", "linear"):

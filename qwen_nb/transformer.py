@@ -55,8 +55,13 @@ class TransformerConfig:
     @classmethod
     def tiny(cls, **overrides) -> "TransformerConfig":
         """A 2-layer, 2-head, 64-wide model with the real structure, for tests and the CPU notebooks."""
-        base = dict(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
-                    axes_dims_rope=(8, 12, 12))
+        base = dict(
+            num_layers=2,
+            attention_head_dim=32,
+            num_attention_heads=2,
+            joint_attention_dim=48,
+            axes_dims_rope=(8, 12, 12),
+        )
         return cls(**{**base, **overrides})
 
 
@@ -244,9 +249,7 @@ class QwenImageTransformer(nn.Module):
         if C != self.config.in_channels:
             raise ValueError(f"latents have {C} channels; this transformer expects {self.config.in_channels}")
         if text.shape[-1] != self.config.joint_attention_dim:
-            raise ValueError(
-                f"text embeddings have width {text.shape[-1]}; expected {self.config.joint_attention_dim}"
-            )
+            raise ValueError(f"text embeddings have width {text.shape[-1]}; expected {self.config.joint_attention_dim}")
         L = text.shape[1]
         img = self.img_in(latents)
         txt = self.txt_in(self.txt_norm(text))
