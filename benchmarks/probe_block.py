@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--layers", type=int, default=60)
     ap.add_argument("--txt", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--cases", default="", help="more (side x batch) forwards after the first, e.g. 512x1,512x2")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -102,6 +103,18 @@ def main():
     model.set_switches(Switches().only(fused_modulation=False))
     res["forward_unfused_modulation_s"] = bench(fwd)
     model.set_switches(Switches())
+    for case in filter(None, a.cases.split(",")):
+        side, b = map(int, case.split("x"))
+        hh = ww = side // 16
+        xx = mx.random.normal((b, hh * ww, cfg.in_channels)).astype(dt)
+        tt = mx.random.normal((b, L, cfg.joint_attention_dim)).astype(dt)
+        fl = b * (2 * 12 * D * D * a.layers * (hh * ww + L) + 4 * (hh * ww + L) ** 2 * D * a.layers)
+        cf = mx.compile(lambda x_, t_, hh=hh, ww=ww: model(x_, t_, None, grid=(hh, ww), mods=mods))
+        for name, fn in {"default": lambda: model(xx, tt, mx.array([0.7] * b), grid=(hh, ww)),
+                         "compiled_forward": lambda: cf(xx, tt)}.items():
+            s_ = bench(fn)
+            res[f"case_{case}_{name}_s"] = s_
+            print(case, name, round(s_, 4), "s", round(fl / s_ / 1e12, 1), "TFLOP/s", flush=True)
     res["peak_gb"] = mx.get_peak_memory() / 1e9
     res.update(side=a.side, layers=a.layers, txt=L, batch=B, flops_T=flops / 1e12)
     print(json.dumps(res), flush=True)
