@@ -69,9 +69,20 @@ def main():
 
     def linears():
         at = blk.attn
-        outs = [at.to_q(img), at.to_k(img), at.to_v(img), at.add_q_proj(tx), at.add_k_proj(tx), at.add_v_proj(tx),
-                at.to_out[0](img), at.to_add_out(tx), blk.img_mlp.net[0].proj(img), blk.img_mlp.net[2](hid),
-                blk.txt_mlp.net[0].proj(tx), blk.txt_mlp.net[2](hid[:, :L])]
+        outs = [
+            at.to_q(img),
+            at.to_k(img),
+            at.to_v(img),
+            at.add_q_proj(tx),
+            at.add_k_proj(tx),
+            at.add_v_proj(tx),
+            at.to_out[0](img),
+            at.to_add_out(tx),
+            blk.img_mlp.net[0].proj(img),
+            blk.img_mlp.net[2](hid),
+            blk.txt_mlp.net[0].proj(tx),
+            blk.txt_mlp.net[2](hid[:, :L]),
+        ]
         return outs
 
     res["block_linears_ms"] = bench(linears) * 1e3
@@ -102,6 +113,9 @@ def main():
         print(name, round(s, 4), "s", round(flops / s / 1e12, 1), "TFLOP/s", flush=True)
     model.set_switches(Switches().only(fused_modulation=False))
     res["forward_unfused_modulation_s"] = bench(fwd)
+    model.set_switches(Switches().only(qk_kernel=False))
+    res["forward_no_qk_kernel_s"] = bench(fwd)
+    print("no qk kernel", res["forward_no_qk_kernel_s"], flush=True)
     model.set_switches(Switches())
     for case in filter(None, a.cases.split(",")):
         side, b = map(int, case.split("x"))
@@ -110,8 +124,10 @@ def main():
         tt = mx.random.normal((b, L, cfg.joint_attention_dim)).astype(dt)
         fl = b * (2 * 12 * D * D * a.layers * (hh * ww + L) + 4 * (hh * ww + L) ** 2 * D * a.layers)
         cf = mx.compile(lambda x_, t_, hh=hh, ww=ww: model(x_, t_, None, grid=(hh, ww), mods=mods))
-        for name, fn in {"default": lambda: model(xx, tt, mx.array([0.7] * b), grid=(hh, ww)),
-                         "compiled_forward": lambda: cf(xx, tt)}.items():
+        for name, fn in {
+            "default": lambda: model(xx, tt, mx.array([0.7] * b), grid=(hh, ww)),
+            "compiled_forward": lambda: cf(xx, tt),
+        }.items():
             s_ = bench(fn)
             res[f"case_{case}_{name}_s"] = s_
             print(case, name, round(s_, 4), "s", round(fl / s_ / 1e12, 1), "TFLOP/s", flush=True)

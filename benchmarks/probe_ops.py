@@ -10,6 +10,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
+from qwen_nb.kernels import qk_norm_rope, qk_norm_rope_reference
 from qwen_nb.rope import apply_rope_fused, rope_table
 from qwen_nb.transformer import gate_residual_fused, gelu_tanh_fused, modulate_fused
 
@@ -39,7 +40,9 @@ def main():
     w, b, wh = r(D), r(D), r(Dh)
     W, Wb, W3 = r(D, D), r(D), r(3 * D, D)
     shift, scale, gate = r(1, D), r(1, D), r(1, D)
-    cos, sin = rope_table(64 if not a.tiny else 8, 64 if not a.tiny else 8, L, (16, 56, 56) if not a.tiny else (8, 12, 12))
+    cos, sin = rope_table(
+        64 if not a.tiny else 8, 64 if not a.tiny else 8, L, (16, 56, 56) if not a.tiny else (8, 12, 12)
+    )
     mx.eval(x, xi, xt, hid, q4, qi4, qt4, qh, w, b, wh, W, Wb, W3, shift, scale, gate, cos, sin)
     lin = nn.Linear(D, D)
     lin.set_dtype(dt)
@@ -60,11 +63,15 @@ def main():
         "matmul_img_Dx4D (mlp in)": lambda: hid[:, :, :D] @ W.T,
         "layer_norm_affine (fused modulate)": lambda: mx.fast.layer_norm(xi, w, b, 1e-6),
         "layer_norm_plain": lambda: mx.fast.layer_norm(xi, None, None, 1e-6),
-        "layer_norm_plain+modulate_fused": lambda: modulate_fused(mx.fast.layer_norm(xi, None, None, 1e-6), shift, scale),
+        "layer_norm_plain+modulate_fused": lambda: modulate_fused(
+            mx.fast.layer_norm(xi, None, None, 1e-6), shift, scale
+        ),
         "rms_norm_heads (q)": lambda: mx.fast.rms_norm(qi4, wh, 1e-6),
         "concat_txt_img (q)": lambda: mx.concatenate([qt4, qi4], axis=1),
         "rope_interleaved_fused": lambda: apply_rope_fused(q4, cos, sin),
         "rope_halfsplit_fused": lambda: rope_half_c(q4, cos, sin),
+        "qk_norm_rope_kernel": lambda: qk_norm_rope(qt4, qi4, wh, wh, cos, sin),
+        "qk_norm_rope_mlx_ops": lambda: qk_norm_rope_reference(qt4, qi4, wh, wh, cos, sin, 1e-6),
         "transpose_to_BHSD_copy": lambda: mx.contiguous(q4.transpose(0, 2, 1, 3)),
         "sdpa_contiguous": lambda: mx.fast.scaled_dot_product_attention(qh, qh, qh, scale=0.0884),
         "sdpa_from_transposed_views": lambda: mx.fast.scaled_dot_product_attention(
@@ -77,6 +84,9 @@ def main():
         "gate_residual_fused": lambda: gate_residual_fused(xi, gate, xi),
         "copy_DxS (bandwidth ref)": lambda: xi + 1,
     }
+    got = qk_norm_rope(qt4, qi4, wh, wh, cos, sin).astype(mx.float32)
+    ref = qk_norm_rope_reference(qt4, qi4, wh, wh, cos, sin, 1e-6).astype(mx.float32)
+    print("qk_norm_rope kernel vs ops max|diff|", mx.abs(got - ref).max().item(), "max|ref|", mx.abs(ref).max().item())
     res = {}
     for name, fn in ops.items():
         res[name] = round(bench(fn), 4)

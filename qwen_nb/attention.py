@@ -7,6 +7,7 @@ rotated by the 3-D RoPE and attend jointly. Returns (img, txt) of the input shap
 import mlx.core as mx
 import mlx.nn as nn
 
+from .kernels import _backend, qk_norm_rope
 from .rmsnorm import RMSNorm
 from .rope import apply_rope, apply_rope_fused
 from .switches import Switches
@@ -57,16 +58,34 @@ class JointAttention(nn.Module):
         def heads(x, S):
             return x.reshape(B, S, H, -1)  # (B, S, H, Dh)
 
-        q = mx.concatenate(
-            [self.norm_added_q(heads(self.add_q_proj(txt), L)), self.norm_q(heads(self.to_q(img), N))], 1
-        )
-        k = mx.concatenate(
-            [self.norm_added_k(heads(self.add_k_proj(txt), L)), self.norm_k(heads(self.to_k(img), N))], 1
-        )
+        sw = self.switches
+        if sw.qk_kernel and sw.fast_rms_norm and sw.fused_modulation and _backend() is not None:
+            q = qk_norm_rope(
+                heads(self.add_q_proj(txt), L),
+                heads(self.to_q(img), N),
+                self.norm_added_q.weight,
+                self.norm_q.weight,
+                *rope,
+                self.norm_q.eps,
+            )
+            k = qk_norm_rope(
+                heads(self.add_k_proj(txt), L),
+                heads(self.to_k(img), N),
+                self.norm_added_k.weight,
+                self.norm_k.weight,
+                *rope,
+                self.norm_k.eps,
+            )
+        else:
+            q = mx.concatenate(
+                [self.norm_added_q(heads(self.add_q_proj(txt), L)), self.norm_q(heads(self.to_q(img), N))], 1
+            )
+            k = mx.concatenate(
+                [self.norm_added_k(heads(self.add_k_proj(txt), L)), self.norm_k(heads(self.to_k(img), N))], 1
+            )
+            rotate = apply_rope_fused if sw.fused_modulation else apply_rope
+            q, k = rotate(q, *rope), rotate(k, *rope)
         v = mx.concatenate([heads(self.add_v_proj(txt), L), heads(self.to_v(img), N)], 1)
-
-        rotate = apply_rope_fused if self.switches.fused_modulation else apply_rope
-        q, k = rotate(q, *rope), rotate(k, *rope)
 
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L+N, Dh)
         if self.switches.fast_attention:

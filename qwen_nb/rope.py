@@ -16,8 +16,14 @@ import numpy as np
 
 
 def axis_frequencies(dim: int, theta: float = 10000.0) -> np.ndarray:
-    """The dim/2 rotation frequencies of one axis, theta^(-2k/dim), rounded to float32 once."""
-    return (1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32)
+    """The dim/2 rotation frequencies of one axis, theta^(-2k/dim), float32 as diffusers rounds them.
+
+    diffusers rounds the exponent 2k/dim to float32 before the power and the power before the reciprocal; each
+    rounding moves a frequency by a few ulps, and a position of ~1000 turns one ulp into ~1e-4 of angle, so the
+    same three roundings are made here (the power itself in float64)."""
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    power = np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)
+    return np.float32(1.0) / power
 
 
 def image_positions(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,11 +66,12 @@ def rope_table(h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: flo
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Rotate interleaved channel pairs of x (B, S, H, D) by the angles of cos/sin (S, D/2), in float32."""
     B, S, H, D = x.shape
-    xf = x.astype(mx.float32).reshape(B, S, H, D // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
+    pairs = x.reshape(B, S, H, D // 2, 2)
+    x0, x1 = pairs[..., 0].astype(mx.float32), pairs[..., 1].astype(mx.float32)
     c, s = cos[:, None, :], sin[:, None, :]
-    out = mx.stack([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
-    return out.reshape(B, S, H, D).astype(x.dtype)
+    # round each half before interleaving them: the stack then moves half-width data
+    out = mx.stack([(x0 * c - x1 * s).astype(x.dtype), (x0 * s + x1 * c).astype(x.dtype)], axis=-1)
+    return out.reshape(B, S, H, D)
 
 
 apply_rope_fused = mx.compile(apply_rope)

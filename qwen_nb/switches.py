@@ -17,6 +17,7 @@ class Switches:
     fast_gelu: bool = True  # the tanh GELU as one compiled kernel, not a chain of elementwise ops
     fast_layer_norm: bool = True  # mx.fast.layer_norm without weights, not mean/var written out
     fused_modulation: bool = True  # LayerNorm+scale+shift, gate+residual and RoPE as fused kernels
+    qk_kernel: bool = True  # QK RMSNorm + text/image concat + RoPE in one hand-written GPU kernel (CUDA, Metal)
 
     @classmethod
     def baseline(cls) -> "Switches":
