@@ -61,7 +61,7 @@ def calculate_shift(image_seq_len: int, cfg: SchedulerConfig) -> float:
 
 
 def flow_match_sigmas(steps: int, image_seq_len: int, cfg: SchedulerConfig | None = None) -> np.ndarray:
-    """The steps + 1 sigmas, float32, ending in 0, exactly as diffusers computes them."""
+    """The steps + 1 sigmas, float32, ending in 0, exactly as diffusers computes them (one step aside: below)."""
     cfg = cfg or SchedulerConfig()
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -74,7 +74,10 @@ def flow_match_sigmas(steps: int, image_seq_len: int, cfg: SchedulerConfig | Non
             s = mu / (mu + (1 / s - 1))
     else:
         s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
-    if cfg.shift_terminal:
+    if cfg.shift_terminal and steps > 1:
+        # At one step the stretch is 0/0 (the only sigma is both the first, 1, and the last): diffusers returns
+        # NaN there and the pipeline makes a NaN image. Without the stretch the step is the exact one-step Euler
+        # from pure noise, x0 = x - v.
         one_minus = 1 - s
         s = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
     return np.concatenate([s.astype(np.float32), np.zeros(1, np.float32)])

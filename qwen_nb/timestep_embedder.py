@@ -8,14 +8,20 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .switches import Switches
 
 
 def timestep_frequencies(num_channels: int = 256, max_period: float = 10000.0) -> mx.array:
-    """The num_channels/2 sinusoid frequencies, float32."""
+    """The num_channels/2 sinusoid frequencies exp(-ln(max_period) k / half), float32.
+
+    The exponent is formed in float32 as diffusers forms it; the exp is taken in float64 and rounded once, because
+    float32 exp kernels (MLX's, torch's) are off by up to a few ulps, and at an angle of 1000*t*f one ulp of f moves
+    the sinusoid by ~3e-5."""
     half = num_channels // 2
-    return mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
 
 
 def sinusoids(t: mx.array, freqs: mx.array, scale: float = 1000.0) -> mx.array:
