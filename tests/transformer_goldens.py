@@ -53,6 +53,10 @@ def assert_close(actual, expected, what: str, rtol: float = 1e-5, atol: float = 
     a, e = to_np(actual), to_np(expected)
     assert a.shape == e.shape, f"{what}: shape {a.shape}, expected {e.shape}"
     d = max_diff(a, e)
-    print(f"max|diff| {what}: {d:.3g}")
+    if atol > 0:
+        used = float(np.max(np.abs(a - e) / (atol + rtol * np.abs(e))))
+        print(f"max|diff| {what}: {d:.3g} ({used:.0%} of the tolerance)")
+    else:
+        print(f"max|diff| {what}: {d:.3g} (bit-exact required)")
     np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=f"{what} (max|diff| {d:.3g})")
     return d
