@@ -6,7 +6,9 @@ default (mx.fast kernels) and the naive attention/RMSNorm (`Switches.baseline()`
 The torch peer is transformers' `Qwen2_5_VLTextModel` (the language model only, SDPA attention) built with
 random init directly on `cuda` in bf16 (on the CPU when there is no CUDA); it runs in a child process so the two
 frameworks never share the device's memory, with `--torch-python` (default: this interpreter) when torch lives
-in another environment. Peak memory includes the resident weights in both columns.
+in another environment. Each side gets what its pipeline passes for one unpadded prompt: qwen_nb's
+`encode_prompt` the plain causal mask, diffusers an all-ones attention_mask. Peak memory includes the resident
+weights in both columns.
 
 Usage: python benchmarks/bench_text_encoder.py [--tiny] [--tokens 100] [--torch-python PATH] [--no-torch]
 Writes assets/bench/text_encoder.json + .png (`text_encoder_tiny` with --tiny; QWEN_NB_BENCH_OUT redirects).
@@ -67,11 +69,10 @@ def mlx_variants(cfg: dict, seq_len: int, repeats: int, warmup: int) -> tuple[di
 
     mx.random.seed(0)
     ids = mx.random.randint(0, cfg["vocab_size"], (1, seq_len))
-    mask = mx.ones((1, seq_len), dtype=mx.int32)
     results = time_variants(
         {
-            "qwen_nb MLX bf16 (mx.fast attention, RMSNorm, RoPE)": lambda: model(ids, mask),
-            "qwen_nb MLX bf16, naive attention + RMSNorm": lambda: naive(ids, mask),
+            "qwen_nb MLX bf16 (mx.fast attention, RMSNorm, RoPE)": lambda: model(ids),
+            "qwen_nb MLX bf16, naive attention + RMSNorm": lambda: naive(ids),
         },
         repeats=repeats,
         warmup=warmup,

@@ -229,7 +229,8 @@ def encode_prompt(tokenizer, encoder: QwenTextEncoder, prompts, max_sequence_len
                 f"the prompt is {n} tokens long with the template's tail, more than the {MAX_TOKENS} the text "
                 f"encoder takes (diffusers would silently cut it): shorten it. Prompt starts {prompt[:60]!r}"
             )
-    hidden = encoder(mx.array(ids), mx.array(mask))
+    # without padding the plain causal mask does the same job, and lets the attention kernel skip the mask
+    hidden = encoder(mx.array(ids), None if mask.all() else mx.array(mask))
     L = int(lengths.max())
     # right padding: each prompt's tokens are positions DROP_IDX .. DROP_IDX + n - 1
     hidden = hidden[:, DROP_IDX : DROP_IDX + L]

@@ -102,19 +102,36 @@ def test_bfloat16(hidden, batch):
 
 
 def test_defaults_are_the_real_checkpoint():
-    cfg = TextEncoderConfig()
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (
-        3584,
-        28,
-        28,
-        4,
-    )
-    assert (cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps, cfg.rope_theta, cfg.vocab_size) == (
-        128,
-        18944,
-        1e-6,
-        1e6,
-        152064,
+    """The hub's text_encoder/config.json (flat, transformers 4.53; spec section 5) gives the defaults."""
+    hub = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "hidden_act": "silu",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "max_position_embeddings": 128000,
+        "model_type": "qwen2_5_vl",
+        "num_attention_heads": 28,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "vision_config": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 3584},
+        "vocab_size": 152064,
+    }
+    assert TextEncoderConfig.from_dict(hub) == TextEncoderConfig()
+    assert asdict(TextEncoderConfig()) == dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        head_dim=128,
+        intermediate_size=18944,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        vocab_size=152064,
     )
 
 
