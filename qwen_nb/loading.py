@@ -24,8 +24,9 @@ def _fix(path: Path) -> str:
     )
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise CheckpointError unless `path` exists and is as long as its safetensors header says."""
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}, "__metadata__": ...}.
+    Raises CheckpointError when the file is missing, not safetensors, or shorter than the header says."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"Missing checkpoint file {path}. {_fix(path)}")
@@ -44,23 +45,40 @@ def check_safetensors(path: Path) -> None:
             f"{path} is truncated: {size:,} bytes on disk, its header needs {8 + n + end:,}. "
             f"An interrupted download. {_fix(path)}"
         )
+    return header
 
 
-def weight_files(folder: Path) -> list[Path]:
+def check_safetensors(path: Path) -> None:
+    """Raise CheckpointError unless `path` exists and is as long as its safetensors header says."""
+    read_header(path)
+
+
+def shard_index(folder: Path) -> dict[str, str]:
+    """{tensor name: shard file name} from a component folder's `*.safetensors.index.json` files ({} if none)."""
+    weight_map = {}
+    for index in sorted(Path(folder).glob("*.safetensors.index.json")):
+        try:
+            weight_map.update(json.loads(index.read_text())["weight_map"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid shard index ({e}). {_fix(index)}") from e
+    return weight_map
+
+
+def weight_files(folder: Path, keep=None) -> list[Path]:
     """The safetensors files of a component folder: those its `*.safetensors.index.json` names, or the
-    single/plain `*.safetensors` files when there is no index. Every file is checked for completeness."""
+    single/plain `*.safetensors` files when there is no index. Every file is checked for completeness.
+
+    `keep(name) -> bool` limits an indexed folder to the shards holding at least one kept tensor (a shard of
+    vision-tower tensors only is then not needed, and need not have been downloaded)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
+    if list(folder.glob("*.safetensors.index.json")):
         files = []
-        for index in indexes:
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid shard index ({e}). {_fix(index)}") from e
-            files += [folder / name for name in sorted(set(weight_map.values())) if folder / name not in files]
+        for name, shard in shard_index(folder).items():
+            if (keep is None or keep(name)) and folder / shard not in files:
+                files.append(folder / shard)
+        files.sort()
     else:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
@@ -70,14 +88,17 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_weights(folder: Path, dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
-    """All tensors of a component folder, lazily (nothing is read until evaluated), optionally cast."""
+def read_weights(folder: Path, dtype: mx.Dtype | None = None, keep=None) -> dict[str, mx.array]:
+    """All tensors of a component folder (those with `keep(name)` when given), lazily (nothing is read until
+    evaluated), optionally cast."""
     weights = {}
-    for f in weight_files(folder):
+    for f in weight_files(folder, keep):
         try:
             weights.update(mx.load(str(f)))
         except RuntimeError as e:
             raise CheckpointError(f"could not read {f}: {e}. {_fix(f)}") from e
+    if keep is not None:
+        weights = {k: v for k, v in weights.items() if keep(k)}
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     return weights

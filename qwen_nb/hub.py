@@ -1,0 +1,187 @@
+"""Finding a Qwen-Image checkpoint: a folder in diffusers layout, or a hub id (`Qwen/Qwen-Image`) fetched into the
+Hugging Face cache with only the files the pipeline reads, and checked for completeness before anything is loaded.
+
+A hub id resolves in this order: a complete cached snapshot (no network; what `HF_HUB_OFFLINE=1` needs), else a
+download: the small files first (configs, shard indexes, tokenizer), then the shards those indexes name, skipping
+any text-encoder shard that holds only vision-tower or lm_head tensors. The size is stated before it starts;
+`snapshot_download` shows the progress and resumes an interrupted download when called again.
+"""
+
+import fnmatch
+import json
+import re
+import shutil
+from pathlib import Path
+
+from .loading import CheckpointError, shard_index, weight_files
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
+CONFIG_FILES = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+SMALL_FILES = [
+    "model_index.json",
+    "transformer/*.json",
+    "vae/*.json",
+    "text_encoder/*.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+]
+LAYOUT = (
+    "a Qwen-Image pipeline folder in diffusers layout: model_index.json beside transformer/, vae/, text_encoder/, "
+    "tokenizer/ and scheduler/ (what Qwen/Qwen-Image holds on the hub, or what save_pretrained writes)"
+)
+
+
+def text_encoder_keep(name: str) -> bool:
+    """The text encoder's tensors the pipeline reads: the language model, not the vision tower or lm_head."""
+    return not name.startswith(("visual.", "model.visual.", "lm_head."))
+
+
+KEEP = {"text_encoder": text_encoder_keep}
+
+
+def looks_like_repo_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not s.startswith((".", "~"))
+
+
+def component_weight_files(folder: Path, component: str) -> list[Path]:
+    """The safetensors files of one component that the pipeline reads, each checked for completeness."""
+    return weight_files(Path(folder) / component, KEEP.get(component))
+
+
+def check_pipeline_folder(folder) -> Path:
+    """Raise a FileNotFoundError / CheckpointError naming the problem and the fix unless `folder` is a complete
+    Qwen-Image pipeline; return it as a Path."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(
+            f"{folder} does not exist. Give {LAYOUT}, or a hub id such as 'Qwen/Qwen-Image' to download one."
+        )
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is a file, not a folder. Give {LAYOUT}.")
+    if not (folder / "model_index.json").exists():
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        raise FileNotFoundError(
+            f"{folder} is not a pipeline: it has no model_index.json (found: {found}). Give {LAYOUT}."
+        )
+    try:
+        kind = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'model_index.json'} is not valid JSON ({e}): download it again.") from e
+    if kind and not kind.startswith("QwenImage"):
+        raise ValueError(f"{folder} holds a {kind}, not a QwenImagePipeline: qwen_nb runs Qwen-Image only.")
+    for c in COMPONENTS:
+        if not (folder / c).is_dir():
+            raise FileNotFoundError(
+                f"{folder} has no {c}/ folder: a Qwen-Image pipeline needs {', '.join(COMPONENTS)}. "
+                f"Copy the missing folder from the original checkpoint, or download it again."
+            )
+    for c, name in CONFIG_FILES.items():
+        if not (folder / c / name).exists():
+            raise FileNotFoundError(f"{folder / c / name} is missing: copy it from the original checkpoint.")
+    tok = folder / "tokenizer"
+    if not (tok / "tokenizer.json").exists() and not ((tok / "vocab.json").exists() and (tok / "merges.txt").exists()):
+        raise FileNotFoundError(f"{tok} has neither tokenizer.json nor vocab.json + merges.txt: copy them again.")
+    for c in WEIGHT_COMPONENTS:
+        component_weight_files(folder, c)
+    return folder
+
+
+def resolve(repo_id_or_folder, revision: str | None = None, cache_dir=None, verbose: bool = True) -> Path:
+    """A complete pipeline folder from a local path or a hub id (downloading what is missing)."""
+    s = str(repo_id_or_folder)
+    path = Path(s).expanduser()
+    if path.exists() or not looks_like_repo_id(s):
+        return check_pipeline_folder(path)
+    return download(s, revision=revision, cache_dir=cache_dir, verbose=verbose)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def cached_snapshot(repo_id: str, revision=None, cache_dir=None) -> Path:
+    """The cached snapshot folder of `repo_id`, checked complete; raises if there is none or it is incomplete."""
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(
+        repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES, local_files_only=True
+    )
+    return check_pipeline_folder(path)
+
+
+def plan_download(repo_id: str, small_folder: Path, sizes: dict[str, int]) -> tuple[list[str], list[str]]:
+    """(weight files to fetch, files skipped) from the downloaded indexes and the repo's file list."""
+    wanted, skipped = [], []
+    for c in WEIGHT_COMPONENTS:
+        in_repo = sorted(f for f in sizes if fnmatch.fnmatch(f, f"{c}/*.safetensors"))
+        index = shard_index(small_folder / c)
+        if index:
+            keep = KEEP.get(c, lambda name: True)
+            needed = sorted({f"{c}/{shard}" for name, shard in index.items() if keep(name)})
+            skipped += sorted({f"{c}/{shard}" for shard in index.values()} - set(needed))
+        else:
+            needed = in_repo
+        if not needed:
+            raise FileNotFoundError(f"{repo_id} has no safetensors weights under {c}/: is it a Qwen-Image pipeline?")
+        wanted += needed
+    return wanted, skipped
+
+
+def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose: bool = True) -> Path:
+    """Fetch what the pipeline needs from `repo_id` into the hub cache (resuming) and return the snapshot folder."""
+    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return cached_snapshot(repo_id, revision, cache_dir)
+    except (LocalEntryNotFoundError, FileNotFoundError, CheckpointError) as e:
+        problem = e
+    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(
+            f"{repo_id} is not complete in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading "
+            f"({problem}). Run the same call once online (about 58 GB for Qwen/Qwen-Image; an interrupted download "
+            "resumes), or give the folder of a local copy."
+        ) from problem
+
+    api = HfApi()
+    info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    revision = info.sha or revision
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings}
+    small = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES))
+    if not (small / "model_index.json").exists():
+        raise FileNotFoundError(f"{repo_id} has no model_index.json: it is not a diffusers pipeline. Give {LAYOUT}.")
+    wanted, skipped = plan_download(repo_id, small, sizes)
+
+    total = sum(sizes.get(f, 0) for f in wanted)
+    have = sum(
+        sizes.get(f, 0)
+        for f in wanted
+        if isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache_dir, revision=revision), str)
+    )
+    need = total - have
+    if verbose:
+        print(
+            f"{repo_id}: {_gb(total)} of weights in {len(wanted)} files, {_gb(have)} already in the cache; "
+            f"downloading {_gb(need)} into {cache} (resumable: run again if interrupted)."
+        )
+        if skipped:
+            print(
+                f"  skipping {len(skipped)} file(s) ({_gb(sum(sizes.get(f, 0) for f in skipped))}) that hold only "
+                "vision-tower / lm_head tensors"
+            )
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if need > free:
+        raise RuntimeError(
+            f"not enough disk space for {repo_id}: {_gb(need)} to download, {_gb(free)} free under {cache}. "
+            "Free some space or point HF_HUB_CACHE at a larger disk."
+        )
+    folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES + wanted)
+    return check_pipeline_folder(folder)

@@ -1,0 +1,218 @@
+"""The memory plan: what each component needs in the chosen dtype and quantization, read from the safetensors
+headers (nothing is loaded), against what the machine has (`mx.device_info()`).
+
+Two ways to run: everything resident, or sequenced (encode the prompt, free the text encoder, then materialise the
+transformer), which needs about the text encoder's size less. The plan picks sequenced where resident will not
+fit, and refuses, suggesting `quantize=8` or `4`, where neither does. Activations are estimates (stated as such).
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from .hub import KEEP
+from .loading import read_config, read_header, weight_files
+
+STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1}
+FLOATING = {"F64", "F32", "F16", "BF16"}
+GB = 1e9
+
+
+class MemoryPlanError(RuntimeError):
+    """The pipeline will not fit in this machine's memory; the message says what would."""
+
+
+def tensor_shapes(folder: Path, keep=None) -> dict[str, tuple[str, tuple]]:
+    """{name: (safetensors dtype, shape)} of a component folder, from the file headers."""
+    shapes = {}
+    for f in weight_files(folder, keep):
+        for name, spec in read_header(f).items():
+            if name != "__metadata__" and (keep is None or keep(name)):
+                shapes[name] = (spec["dtype"], tuple(spec["shape"]))
+    return shapes
+
+
+def is_modulation(name: str) -> bool:
+    """The timestep-modulation linears, kept at 8 bits or more when quantizing: every block's img_mod/txt_mod and
+    the output norm's projection."""
+    return ".img_mod." in name or ".txt_mod." in name or name.startswith("norm_out.linear")
+
+
+def quantized_bits(name: str, shape: tuple, bits: int, group_size: int = 64, modulation_bits: int = 8) -> int | None:
+    """Bits a transformer tensor is quantized to, or None when it stays in full precision (biases, norms, and
+    linears whose input width is not a multiple of the group size)."""
+    if len(shape) != 2 or not name.endswith(".weight") or shape[1] % group_size:
+        return None
+    return max(bits, modulation_bits) if is_modulation(name) else bits
+
+
+def component_bytes(shapes: dict, dtype: mx.Dtype, bits: int | None = None, group_size: int = 64) -> int:
+    """Bytes of a component's tensors loaded in `dtype` (floating tensors cast, others as stored); with `bits`,
+    the quantized linears at bits per weight plus a scale and a bias per group of `group_size`, in `dtype`."""
+    item = dtype.size
+    total = 0
+    for name, (kind, shape) in shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        b = quantized_bits(name, shape, bits, group_size) if bits else None
+        if b is not None:
+            total += n * b // 8 + 2 * (n // group_size) * item
+        else:
+            total += n * (item if kind in FLOATING else STORED_BYTES.get(kind, 4))
+    return total
+
+
+def device_memory() -> tuple[int | None, str]:
+    """(bytes the device can use, where the number comes from)."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "total_memory", "memory_size"):
+        if info.get(key):
+            return int(info[key]), f"mx.device_info()['{key}']"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical RAM"
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+
+
+def activation_bytes(folder: Path, dtype: mx.Dtype, height: int, width: int, text_tokens: int = 512) -> dict:
+    """Estimated working memory of each stage at height x width (order of magnitude, not a measurement).
+
+    Stage by stage: the live tensors of one layer (about 16 hidden-width copies of the sequence in the
+    transformer, 4 hidden + 3 MLP widths in the text encoder, 8 copies of the full-resolution feature map in the
+    VAE decoder), plus attention scores in float32 where attention is not fused (the CPU)."""
+    tr = read_config(folder / "transformer")
+    te = read_config(folder / "text_encoder")
+    te = {**te, **(te.get("text_config") or {})}
+    vae = read_config(folder / "vae")
+    item = dtype.size
+    fused = mx.default_device() == mx.gpu
+
+    heads, dim = (
+        tr.get("num_attention_heads", 24),
+        tr.get("num_attention_heads", 24) * tr.get("attention_head_dim", 128),
+    )
+    T = (height // 16) * (width // 16) + text_tokens
+    denoise = 16 * T * dim * item + (0 if fused else 2 * heads * T * T * 4)
+
+    S = 1024 + 34  # the longest tokenized prompt
+    hidden, inter = te.get("hidden_size", 3584), te.get("intermediate_size", 18944)
+    text = S * (4 * hidden + 3 * inter) * item + (0 if fused else 2 * te.get("num_attention_heads", 28) * S * S * 4)
+
+    pixels, latent_pixels = height * width, (height // 8) * (width // 8)
+    decode = 8 * pixels * vae.get("base_dim", 96) * item + (0 if fused else 2 * latent_pixels**2 * 4)
+    return {"text": text, "denoise": denoise, "decode": decode}
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per component and per stage, the device budget, and whether the text encoder stays resident."""
+
+    components: dict  # bytes of text_encoder, transformer, vae as loaded
+    activations: dict  # estimated bytes of the text, denoise and decode stages
+    budget: int | None
+    budget_source: str
+    keep_text_encoder: bool
+    dtype: mx.Dtype = mx.bfloat16
+    quantize: int | None = None
+    size: tuple = (1024, 1024)
+    notes: list = field(default_factory=list)
+
+    @property
+    def resident_peak(self) -> int:
+        return sum(self.components.values()) + max(self.activations.values())
+
+    @property
+    def sequenced_peak(self) -> int:
+        c, a = self.components, self.activations
+        return max(
+            c["text_encoder"] + c["vae"] + a["text"],
+            c["transformer"] + c["vae"] + max(a["denoise"], a["decode"]),
+        )
+
+    @property
+    def peak(self) -> int:
+        return self.resident_peak if self.keep_text_encoder else self.sequenced_peak
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.peak <= self.budget
+
+    def __str__(self) -> str:
+        c, a = self.components, self.activations
+        q = f"{self.quantize}-bit transformer" if self.quantize else "unquantized"
+        lines = [
+            f"memory plan ({str(self.dtype).split('.')[-1]}, {q}, {self.size[0]}x{self.size[1]}):",
+            f"  text encoder {c['text_encoder'] / GB:6.1f} GB   transformer {c['transformer'] / GB:6.1f} GB   "
+            f"VAE {c['vae'] / GB:5.2f} GB",
+            f"  working memory (estimate): text {a['text'] / GB:.1f} GB, denoise {a['denoise'] / GB:.1f} GB, "
+            f"decode {a['decode'] / GB:.1f} GB",
+            f"  peak {self.peak / GB:.1f} GB "
+            + (
+                "with the text encoder kept resident"
+                if self.keep_text_encoder
+                else "with the text encoder freed before the transformer is loaded"
+            )
+            + (f" (resident: {self.resident_peak / GB:.1f} GB)" if not self.keep_text_encoder else ""),
+            f"  available {self.budget / GB:.1f} GB ({self.budget_source})" if self.budget else "  available: unknown",
+        ]
+        return "\n".join(lines + [f"  {n}" for n in self.notes])
+
+    def check(self, alternatives: dict | None = None) -> None:
+        """Raise MemoryPlanError unless the plan fits; `alternatives` {quantize: plan} feed the suggestion."""
+        if self.fits:
+            return
+        fitting = [q for q, p in (alternatives or {}).items() if p.fits and (not self.quantize or q < self.quantize)]
+        if fitting:
+            advice = f"Load with quantize={max(fitting)} (peak {alternatives[max(fitting)].peak / GB:.1f} GB)"
+            if len(fitting) > 1:
+                advice += f" or quantize={min(fitting)} (peak {alternatives[min(fitting)].peak / GB:.1f} GB)"
+        else:
+            advice = "Even quantize=4 will not fit: use a machine with more memory or a smaller image size"
+        if self.keep_text_encoder and self.sequenced_peak <= (self.budget or 0):
+            advice = "Let the pipeline free the text encoder (keep_text_encoder=None or False)"
+        raise MemoryPlanError(
+            f"Qwen-Image will not fit: it needs about {self.peak / GB:.1f} GB and this device has "
+            f"{self.budget / GB:.1f} GB ({self.budget_source}).\n{self}\n{advice}. "
+            "check_memory=False skips this check (the machine may swap or the process be killed)."
+        )
+
+
+def plan_memory(
+    folder,
+    dtype: mx.Dtype = mx.bfloat16,
+    quantize: int | None = None,
+    keep_text_encoder: bool | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    budget: int | None = None,
+    group_size: int = 64,
+) -> MemoryPlan:
+    """The plan for loading the pipeline in `folder`; `keep_text_encoder=None` picks resident when it fits."""
+    folder = Path(folder)
+    tr_config = read_config(folder / "transformer")
+    prequantized = tr_config.get("quantization")
+    bits = None if prequantized else quantize
+    components = {
+        "text_encoder": component_bytes(tensor_shapes(folder / "text_encoder", KEEP["text_encoder"]), dtype),
+        "transformer": component_bytes(tensor_shapes(folder / "transformer"), dtype, bits, group_size),
+        "vae": component_bytes(tensor_shapes(folder / "vae"), dtype),
+    }
+    source = "given"
+    if budget is None:
+        budget, source = device_memory()
+    plan = MemoryPlan(
+        components,
+        activation_bytes(folder, dtype, height, width),
+        budget,
+        source,
+        keep_text_encoder=bool(keep_text_encoder),
+        dtype=dtype,
+        quantize=prequantized["bits"] if prequantized else quantize,
+        size=(height, width),
+    )
+    if keep_text_encoder is None:
+        plan.keep_text_encoder = budget is None or plan.resident_peak <= budget
+    return plan

@@ -1,0 +1,523 @@
+"""Prompt -> image: diffusers' `QwenImagePipeline` on the qwen_nb components.
+
+`QwenImagePipeline.from_pretrained(hub id or folder)` finds the checkpoint (qwen_nb.hub), checks it is complete,
+plans the memory (qwen_nb.memory) and reads the configs; the weights stay on disk until first used, and are
+loaded lazily and strictly. `generate(prompt)` encodes the prompt (cached), draws or takes the noise
+(1, 16, H/8, W/8), runs the flow-matching Euler loop with classifier-free guidance, decodes with the VAE and
+returns a PIL image. On a machine where the text encoder and the transformer do not fit together, the text encoder
+is freed before the transformer's weights are read (and the other way round when a new prompt needs encoding).
+"""
+
+import gc
+import json
+import os
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .hub import KEEP, component_weight_files, resolve
+from .loading import load_strict, read_config, read_weights
+from .memory import MemoryPlan, activation_bytes, plan_memory
+from .quantize import GROUP_SIZE, MODULATION_BITS, QuantizationReport, check_bits, quantize_transformer
+from .scheduler import FlowMatchEulerScheduler, SchedulerConfig, cfg_combine, pack_latents, unpack_latents
+from .switches import Switches
+from .text_encoder import DROP_IDX, MAX_TOKENS, PROMPT_TEMPLATE, QwenTextEncoder, TextEncoderConfig, encode_prompt
+from .tokenizer import QwenTokenizer
+from .transformer import QwenImageTransformer, TransformerConfig
+from .vae import load_vae, postprocess
+
+# The model card's recommended sizes, (width, height).
+ASPECTS = {
+    "1:1": (1328, 1328),
+    "16:9": (1664, 928),
+    "9:16": (928, 1664),
+    "4:3": (1472, 1104),
+    "3:4": (1104, 1472),
+    "3:2": (1584, 1056),
+    "2:3": (1056, 1584),
+}
+MULTIPLE = 16  # VAE factor 8 x 2x2 patches
+LATENT_CHANNELS = 16
+DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """A generation stopped by Ctrl-C (or a callback raising KeyboardInterrupt); the pipeline stays usable.
+    `latents` holds the packed latents after the last finished step (`pipe.decode(...)` shows them)."""
+
+    def __init__(self, step: int, steps: int, latents=None, height: int = 0, width: int = 0):
+        self.step, self.steps, self.latents, self.height, self.width = step, steps, latents, height, width
+        super().__init__(
+            f"generation stopped after step {step} of {steps}; the pipeline is ready for the next call "
+            f"(the latents so far are in .latents: pipe.decode(e.latents, {height}, {width}) shows them)"
+        )
+
+
+@dataclass
+class GenerationStats:
+    """Timings (seconds) and peak memory (GB) of one generate() call."""
+
+    seed: int | None
+    height: int
+    width: int
+    steps: int
+    cfg: bool
+    text_s: float = 0.0
+    load_s: float = 0.0
+    step_times_s: list = field(default_factory=list)
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    peak_gb: float = 0.0
+    interrupted_at: int | None = None
+
+    @property
+    def step_s(self) -> float:
+        return float(np.mean(self.step_times_s)) if self.step_times_s else 0.0
+
+    def __str__(self) -> str:
+        done = len(self.step_times_s)
+        what = f"{done}/{self.steps} steps (interrupted)" if self.interrupted_at is not None else f"{done} steps"
+        return (
+            f"{what} at {self.step_s:.3f} s/step{' with CFG' if self.cfg else ''}; total {self.total_s:.2f} s "
+            f"(text {self.text_s:.2f} s, weights {self.load_s:.2f} s, decode {self.decode_s:.2f} s); "
+            f"peak memory {self.peak_gb:.2f} GB"
+        )
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _presets() -> str:
+    return ", ".join(f"{k} {w}x{h}" for k, (w, h) in ASPECTS.items())
+
+
+def check_size(height, width) -> None:
+    """ValueError unless height and width are positive multiples of 16 (naming the nearest valid sizes)."""
+    for name, v in (("height", height), ("width", width)):
+        if not _is_int(v):
+            raise ValueError(f"{name} must be an integer number of pixels, got {v!r}")
+        if v <= 0:
+            raise ValueError(f"{name} must be a positive multiple of {MULTIPLE}, got {v}")
+        if v % MULTIPLE:
+            lo, hi = v // MULTIPLE * MULTIPLE, (v // MULTIPLE + 1) * MULTIPLE
+            near = f"{lo} or {hi}" if lo > 0 else f"{hi}"
+            raise ValueError(
+                f"{name} {v} is not a multiple of {MULTIPLE} (8x VAE and 2x2 patches): use {near}. "
+                f"The model card's sizes (width x height): {_presets()}."
+            )
+
+
+class QwenImagePipeline:
+    """Qwen-Image text-to-image: `from_pretrained(...)`, then `generate(prompt) -> PIL.Image`."""
+
+    def __init__(
+        self,
+        folder: Path,
+        dtype: mx.Dtype = mx.bfloat16,
+        quantize: int | None = None,
+        plan: MemoryPlan | None = None,
+        keep_text_encoder: bool = True,
+        check_memory: bool = True,
+        switches: Switches | None = None,
+        max_sequence_length: int = 512,
+        vae_tile: int | None = None,
+        cache_size: int = 32,
+        verbose: bool = True,
+    ):
+        self.folder = Path(folder)
+        self.dtype = dtype
+        self.quantize = quantize
+        self.memory_plan = plan
+        self.keep_text_encoder = keep_text_encoder
+        self.check_memory = check_memory
+        self.switches = switches or Switches()
+        self.max_sequence_length = max_sequence_length
+        self.vae_tile = vae_tile
+        self.verbose = verbose
+        self.tokenizer = QwenTokenizer.from_pretrained(self.folder / "tokenizer")
+        self.scheduler_config = SchedulerConfig.from_file(self.folder / "scheduler" / "scheduler_config.json")
+        self.transformer_config = TransformerConfig.from_dict(read_config(self.folder / "transformer"))
+        self.quantization: QuantizationReport | None = None
+        self.last_stats: GenerationStats | None = None
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = cache_size
+        self._transformer = None
+        self._text_encoder = None
+        self._vae = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_folder,
+        dtype: mx.Dtype = mx.bfloat16,
+        quantize: int | None = None,
+        *,
+        keep_text_encoder: bool | None = None,
+        check_memory: bool = True,
+        revision: str | None = None,
+        cache_dir=None,
+        switches: Switches | None = None,
+        max_sequence_length: int = 512,
+        vae_tile: int | None = None,
+        verbose: bool = True,
+    ) -> "QwenImagePipeline":
+        """A pipeline from a hub id (downloaded into the HF cache, only the needed files) or a diffusers folder.
+
+        `dtype`: bfloat16 (the checkpoint's) or float32. `quantize`: None, 8 or 4 (the transformer's linears;
+        modulation layers at 8 bits). `keep_text_encoder`: None lets the memory plan decide, True keeps it
+        resident, False frees it after each encoding. `check_memory=False` skips the refusal when the plan does
+        not fit. Nothing heavy is read here: weights load lazily on first use."""
+        bits = check_bits(quantize)
+        if dtype not in DTYPES.values():
+            raise ValueError(
+                f"dtype must be mx.bfloat16 (the checkpoint's) or mx.float32, got {dtype}: float16 overflows in "
+                "Qwen-Image's activations"
+            )
+        if not (_is_int(max_sequence_length) and 1 <= max_sequence_length <= MAX_TOKENS):
+            raise ValueError(f"max_sequence_length must be an integer in 1..{MAX_TOKENS}, got {max_sequence_length}")
+        folder = resolve(repo_id_or_folder, revision=revision, cache_dir=cache_dir, verbose=verbose)
+        stored = read_config(folder / "transformer").get("quantization")
+        if stored and bits not in (None, stored["bits"]):
+            raise ValueError(
+                f"{folder} holds a {stored['bits']}-bit transformer: load it with quantize=None (or "
+                f"{stored['bits']}); to change the bits, quantize the original checkpoint"
+            )
+        plan = plan_memory(folder, dtype, bits, keep_text_encoder)
+        if check_memory and not plan.fits:
+            alternatives = {b: plan_memory(folder, dtype, b, None, budget=plan.budget) for b in (8, 4)}
+            plan.check(alternatives)
+        if verbose:
+            print(plan)
+        return cls(
+            folder,
+            dtype,
+            stored["bits"] if stored else bits,
+            plan,
+            keep_text_encoder=plan.keep_text_encoder,
+            check_memory=check_memory,
+            switches=switches,
+            max_sequence_length=max_sequence_length,
+            vae_tile=vae_tile,
+            verbose=verbose,
+        )
+
+    def load_transformer(self) -> QwenImageTransformer:
+        """The transformer, built and loaded lazily (and quantized, still lazily): nothing is read yet."""
+        folder = self.folder / "transformer"
+        raw = read_config(folder)
+        model = QwenImageTransformer(TransformerConfig.from_dict(raw), self.switches)
+        stored = raw.get("quantization")
+        if stored:  # a folder written by save_pretrained: the structure first, then its quantized tensors
+            self.quantization = quantize_transformer(
+                model, stored["bits"], stored.get("group_size", GROUP_SIZE), stored.get("modulation_bits", 8)
+            )
+        load_strict(model, read_weights(folder, self.dtype), "transformer")
+        if self.quantize and not stored:
+            self.quantization = quantize_transformer(model, self.quantize)
+        if self.quantization and self.quantization.skipped and self.verbose:
+            print(
+                f"note: {len(self.quantization.skipped)} linear(s) kept in full precision (input width not a "
+                f"multiple of {self.quantization.group_size}): {', '.join(self.quantization.skipped[:6])}"
+            )
+        return model
+
+    def load_text_encoder(self) -> QwenTextEncoder:
+        """The text encoder's language model (no vision tower, no lm_head, whose shards need not exist), lazily."""
+        folder = self.folder / "text_encoder"
+        model = QwenTextEncoder(TextEncoderConfig.from_dict(read_config(folder)), self.switches)
+        weights = QwenTextEncoder.sanitize(read_weights(folder, self.dtype, keep=KEEP["text_encoder"]))
+        load_strict(model, weights, "Qwen2.5-VL text encoder")
+        return model
+
+    @property
+    def transformer(self) -> QwenImageTransformer:
+        if self._transformer is None:
+            self._transformer = self.load_transformer()
+        return self._transformer
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            self._vae = load_vae(self.folder / "vae", self.dtype)
+        return self._vae
+
+    @property
+    def text_encoder(self) -> QwenTextEncoder:
+        if self._text_encoder is None:
+            self._text_encoder = self.load_text_encoder()
+        return self._text_encoder
+
+    def _release(self, name: str) -> None:
+        if getattr(self, name) is not None:
+            setattr(self, name, None)
+            gc.collect()
+            mx.clear_cache()
+
+    def materialize_transformer(self) -> None:
+        """Read (and quantize) the transformer's weights now, block by block so the peak stays near their size."""
+        t = self.transformer
+        for child in t.children().values():
+            if isinstance(child, list):
+                for block in child:
+                    mx.eval(block.parameters())
+            elif hasattr(child, "parameters"):
+                mx.eval(child.parameters())
+
+    # ------------------------------------------------------------------ text
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(PROMPT_TEMPLATE.format(text))) - DROP_IDX
+
+    def encode(self, text: str):
+        """(embeds (1, L, hidden), mask (1, L) or None) of one prompt, as diffusers' encode_prompt gives them
+        (an all-ones mask becomes None). Cached by text, so a (prompt, negative prompt) pair seen before costs
+        nothing and needs no text encoder."""
+        key = (text, self.max_sequence_length)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        n = self._count_tokens(text)
+        if n > MAX_TOKENS:
+            raise ValueError(
+                f"the prompt is {n} tokens long (with the template's 5-token tail), more than the {MAX_TOKENS} the "
+                f"text encoder takes: shorten it. It starts {text[:60]!r}"
+            )
+        if n > self.max_sequence_length and self.verbose:
+            print(
+                f"note: the prompt is {n} tokens; only the first {self.max_sequence_length} are used "
+                "(max_sequence_length, as in diffusers)"
+            )
+        if self._text_encoder is None and not self.keep_text_encoder:
+            self._release("_transformer")  # sequenced: the two large models are never resident together
+        embeds, mask = encode_prompt(self.tokenizer, self.text_encoder, text, self.max_sequence_length)
+        mx.eval(embeds, mask)
+        value = (embeds, None if bool(mx.all(mask == 1)) else mask)
+        self._cache[key] = value
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return value
+
+    def encode_prompts(self, prompt: str, negative_prompt: str | None):
+        """(cond, uncond) embeddings; uncond is None without a negative prompt. Frees the text encoder afterwards
+        when the pipeline runs sequenced."""
+        cond = self.encode(prompt)
+        uncond = self.encode(negative_prompt) if negative_prompt is not None else None
+        if not self.keep_text_encoder:
+            self._release("_text_encoder")
+        return cond, uncond
+
+    # ------------------------------------------------------------------ sampling
+    def initial_noise(self, height: int, width: int, seed: int | None = None, latents=None) -> mx.array:
+        """The unpacked noise (1, 16, H/8, W/8) in the pipeline's dtype: `latents` checked, or drawn from `seed`."""
+        shape = (1, LATENT_CHANNELS, height // 8, width // 8)
+        if latents is None:
+            return mx.random.normal(shape, key=mx.random.key(seed)).astype(self.dtype)
+        z = mx.array(latents) if not isinstance(latents, mx.array) else latents
+        if tuple(z.shape) == (1, 1, *shape[1:]):  # diffusers' (B, 1, C, h, w) before packing
+            z = z.reshape(shape)
+        if tuple(z.shape) != shape:
+            raise ValueError(
+                f"latents have shape {tuple(z.shape)}; for a {height}x{width} (H x W) image they must be {shape} "
+                f"(or {(1, 1, *shape[1:])}, as diffusers draws them before packing)"
+            )
+        return z.astype(self.dtype)
+
+    def denoise(self, latents: mx.array, cond, uncond, cfg_scale: float, steps: int, grid: tuple[int, int]):
+        """The sampling loop as a generator: yields the packed latents (1, N, 64) after each step, unevaluated."""
+        scheduler = FlowMatchEulerScheduler(self.scheduler_config)
+        timesteps = scheduler.set_timesteps(steps, grid[0] * grid[1])
+        x = latents
+        for i, t in enumerate(timesteps):
+            # diffusers: timestep = t.to(latents.dtype) / 1000, so sigma is rounded through 1000*sigma in the dtype
+            sigma = mx.array([float(t)], dtype=mx.float32).astype(x.dtype) / 1000
+            v = self.transformer(x, cond[0], sigma, grid, cond[1])
+            if uncond is not None:
+                v = cfg_combine(v, self.transformer(x, uncond[0], sigma, grid, uncond[1]), cfg_scale)
+            x = scheduler.step(v, i, x)
+            yield x
+
+    def decode(self, latents: mx.array, height: int, width: int):
+        """Packed latents (1, N, 64) -> PIL image."""
+        from PIL import Image
+
+        z = unpack_latents(latents, (height // MULTIPLE, width // MULTIPLE))  # (1, 16, H/8, W/8)
+        images = self.vae.decode(z.transpose(0, 2, 3, 1), tile=self.vae_tile)  # (1, H, W, 3)
+        return Image.fromarray(postprocess(images)[0])
+
+    def _check_memory_at(self, height: int, width: int) -> None:
+        plan = self.memory_plan
+        if not self.check_memory or plan is None or plan.size == (height, width):
+            return
+        act = activation_bytes(self.folder, self.dtype, height, width)
+        replace(plan, activations=act, size=(height, width)).check()
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = " ",
+        height: int = 1024,
+        width: int = 1024,
+        steps: int = 20,
+        cfg_scale: float = 4.0,
+        seed: int | None = None,
+        latents=None,
+        callback=None,
+        progress: bool = True,
+    ):
+        """One image, as diffusers' QwenImagePipeline(prompt, negative_prompt, true_cfg_scale=cfg_scale, ...).
+
+        CFG runs when cfg_scale > 1 and negative_prompt is not None (" " is the model card's "no negative
+        prompt"). `latents` is the noise (1, 16, H/8, W/8) before packing; otherwise it is drawn from `seed`
+        (random when None; the seed used is in `last_stats`). `callback(step, latents)` is called after each
+        step with the packed latents. Ctrl-C stops at the end of the current step with GenerationInterrupted."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string (one image per call), got {type(prompt).__name__}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
+        check_size(height, width)
+        if not _is_int(steps) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not np.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+        if cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (4.0 is the model card's; <= 1 turns CFG off), got {cfg_scale}")
+        if seed is not None and not _is_int(seed):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        if latents is None and seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        noise = self.initial_noise(height, width, seed, latents)
+        self._check_memory_at(height, width)
+
+        do_cfg = cfg_scale > 1 and negative_prompt is not None
+        stats = GenerationStats(seed if latents is None else None, height, width, steps, do_cfg)
+        self.last_stats = stats
+        gc.collect()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+
+        cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None)
+        stats.text_s = time.perf_counter() - start
+
+        t = time.perf_counter()
+        self.materialize_transformer()
+        stats.load_s = time.perf_counter() - t
+
+        grid = (height // MULTIPLE, width // MULTIPLE)
+        x = pack_latents(noise)
+        try:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=steps, desc="denoising", unit="step", disable=not progress) as bar:
+                t = time.perf_counter()
+                for i, x_next in enumerate(self.denoise(x, cond, uncond, cfg_scale, steps, grid)):
+                    mx.eval(x_next)
+                    x = x_next
+                    now = time.perf_counter()
+                    stats.step_times_s.append(now - t)
+                    t = now
+                    bar.update()
+                    if callback is not None:
+                        callback(i, x)
+        except KeyboardInterrupt:
+            stats.interrupted_at = len(stats.step_times_s)
+            stats.total_s = time.perf_counter() - start
+            stats.peak_gb = mx.get_peak_memory() / 1e9
+            raise GenerationInterrupted(stats.interrupted_at, steps, x, height, width) from None
+
+        t = time.perf_counter()
+        image = self.decode(x, height, width)
+        stats.decode_s = time.perf_counter() - t
+        stats.total_s = time.perf_counter() - start
+        stats.peak_gb = mx.get_peak_memory() / 1e9
+        return image
+
+    __call__ = generate
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, folder, overwrite: bool = False, max_shard_size: int = 5_000_000_000) -> Path:
+        """Write a pipeline folder that `from_pretrained` loads without the original download: the transformer
+        as held (quantized included, marked in transformer/config.json), the other components copied.
+        Refuses a non-empty folder unless `overwrite=True` (then files of the same names are replaced)."""
+        out = Path(folder).expanduser()
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} is a file: give a folder to save the pipeline into")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"{out} is not empty; nothing was written. Give a new or empty folder, or pass overwrite=True to "
+                "write into it (files of the same names are replaced)."
+            )
+        src = self.folder.resolve()
+        if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
+            raise ValueError(f"cannot save into {out}: it overlaps the folder the pipeline reads from ({src})")
+        out.mkdir(parents=True, exist_ok=True)
+
+        _copy(self.folder / "model_index.json", out / "model_index.json")
+        for c in ("tokenizer", "scheduler"):
+            for f in sorted((self.folder / c).iterdir()):
+                if f.is_file():
+                    _copy(f, out / c / f.name)
+        for c in ("vae", "text_encoder"):
+            for f in sorted((self.folder / c).iterdir()):
+                if f.is_file() and not f.name.endswith(".safetensors"):
+                    _copy(f, out / c / f.name)
+            for f in component_weight_files(self.folder, c):
+                _copy(f, out / c / f.name)
+
+        tdir = out / "transformer"
+        tdir.mkdir(parents=True, exist_ok=True)
+        config = read_config(self.folder / "transformer")
+        config.pop("quantization", None)
+        if self.quantize:
+            self.transformer  # noqa: B018 (built so that self.quantization is known)
+            config["quantization"] = self.quantization.to_config()
+        (tdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _save_sharded(dict(tree_flatten(self.transformer.parameters())), tdir, max_shard_size)
+        return out
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a file (a hard link when possible: the hub cache's blobs are large), following the cache's symlinks."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    real = Path(src).resolve()
+    try:
+        os.link(real, dst)
+    except OSError:
+        shutil.copyfile(real, dst)
+
+
+def _save_sharded(weights: dict, folder: Path, max_shard_size: int, name: str = "diffusion_pytorch_model") -> None:
+    """safetensors shards of at most max_shard_size bytes (a single file when it fits), with diffusers' index."""
+    shards, current, size = [], {}, 0
+    for k in sorted(weights):
+        nbytes = weights[k].nbytes
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = weights[k]
+        size += nbytes
+    shards.append(current)
+    for old in list(folder.glob(f"{name}*.safetensors")) + list(folder.glob(f"{name}*.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        mx.save_safetensors(str(folder / f"{name}.safetensors"), shards[0], metadata={"format": "mlx"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"{name}-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(folder / fname), shard, metadata={"format": "mlx"})
+        weight_map.update({k: fname for k in shard})
+        total += sum(v.nbytes for v in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{name}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+__all__ = ["ASPECTS", "GenerationInterrupted", "GenerationStats", "QwenImagePipeline", "check_size", "MODULATION_BITS"]
