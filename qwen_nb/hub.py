@@ -50,8 +50,19 @@ def looks_like_repo_id(s: str) -> bool:
 
 
 def component_weight_files(folder: Path, component: str) -> list[Path]:
-    """The safetensors files of one component that the pipeline reads, each checked for completeness."""
-    return weight_files(Path(folder) / component, KEEP.get(component))
+    """The safetensors files of one component that the pipeline reads, each checked for completeness: missing
+    ones are a FileNotFoundError listing them all, a truncated or corrupt one a CheckpointError naming it."""
+    folder = Path(folder) / component
+    keep = KEEP.get(component, lambda name: True)
+    wanted = sorted({shard for name, shard in shard_index(folder).items() if keep(name)})
+    missing = [s for s in wanted if not (folder / s).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(wanted)} weight files that {folder}'s index names are missing: "
+            f"{', '.join(missing)}. Download them again (for a hub id, run the same from_pretrained call again: "
+            "it resumes and fetches only what is missing), or copy them from the original checkpoint."
+        )
+    return weight_files(folder, KEEP.get(component))
 
 
 def check_pipeline_folder(folder) -> Path:
@@ -140,8 +151,9 @@ def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose:
 
     try:
         return cached_snapshot(repo_id, revision, cache_dir)
-    except (LocalEntryNotFoundError, FileNotFoundError, CheckpointError) as e:
+    except (LocalEntryNotFoundError, FileNotFoundError) as e:  # not cached, or partly: download what is missing
         problem = e
+    # a corrupt cached file (CheckpointError) is raised as it is: downloading again would not replace it
     cache = Path(cache_dir or constants.HF_HUB_CACHE)
     if constants.HF_HUB_OFFLINE:
         raise FileNotFoundError(

@@ -164,13 +164,17 @@ class MemoryPlan:
         """Raise MemoryPlanError unless the plan fits; `alternatives` {quantize: plan} feed the suggestion."""
         if self.fits:
             return
-        fitting = [q for q, p in (alternatives or {}).items() if p.fits and (not self.quantize or q < self.quantize)]
-        if fitting:
-            advice = f"Load with quantize={max(fitting)} (peak {alternatives[max(fitting)].peak / GB:.1f} GB)"
-            if len(fitting) > 1:
-                advice += f" or quantize={min(fitting)} (peak {alternatives[min(fitting)].peak / GB:.1f} GB)"
+        if alternatives is None:
+            advice = "Load with quantize=8 or quantize=4, or make a smaller image"
         else:
-            advice = "Even quantize=4 will not fit: use a machine with more memory or a smaller image size"
+            fitting = [q for q, p in alternatives.items() if p.fits and (not self.quantize or q < self.quantize)]
+            if fitting:
+                best, least = max(fitting), min(fitting)
+                advice = f"Load with quantize={best} (peak {alternatives[best].peak / GB:.1f} GB)"
+                if least != best:
+                    advice += f" or quantize={least} (peak {alternatives[least].peak / GB:.1f} GB)"
+            else:
+                advice = "Even quantize=4 will not fit: use a machine with more memory or a smaller image size"
         if self.keep_text_encoder and self.sequenced_peak <= (self.budget or 0):
             advice = "Let the pipeline free the text encoder (keep_text_encoder=None or False)"
         raise MemoryPlanError(

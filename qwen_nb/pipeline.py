@@ -167,6 +167,7 @@ class QwenImagePipeline:
         switches: Switches | None = None,
         max_sequence_length: int = 512,
         vae_tile: int | None = None,
+        plan_size: tuple[int, int] = (1024, 1024),
         verbose: bool = True,
     ) -> "QwenImagePipeline":
         """A pipeline from a hub id (downloaded into the HF cache, only the needed files) or a diffusers folder.
@@ -174,7 +175,8 @@ class QwenImagePipeline:
         `dtype`: bfloat16 (the checkpoint's) or float32. `quantize`: None, 8 or 4 (the transformer's linears;
         modulation layers at 8 bits). `keep_text_encoder`: None lets the memory plan decide, True keeps it
         resident, False frees it after each encoding. `check_memory=False` skips the refusal when the plan does
-        not fit. Nothing heavy is read here: weights load lazily on first use."""
+        not fit; `plan_size` (height, width) is the image size the plan is made for (generate() checks again
+        at other sizes). Nothing heavy is read here: weights load lazily on first use."""
         bits = check_bits(quantize)
         if dtype not in DTYPES.values():
             raise ValueError(
@@ -190,9 +192,10 @@ class QwenImagePipeline:
                 f"{folder} holds a {stored['bits']}-bit transformer: load it with quantize=None (or "
                 f"{stored['bits']}); to change the bits, quantize the original checkpoint"
             )
-        plan = plan_memory(folder, dtype, bits, keep_text_encoder)
+        h, w = plan_size
+        plan = plan_memory(folder, dtype, bits, keep_text_encoder, height=h, width=w)
         if check_memory and not plan.fits:
-            alternatives = {b: plan_memory(folder, dtype, b, None, budget=plan.budget) for b in (8, 4)}
+            alternatives = {b: plan_memory(folder, dtype, b, None, h, w, budget=plan.budget) for b in (8, 4)}
             plan.check(alternatives)
         if verbose:
             print(plan)

@@ -1,0 +1,144 @@
+"""Command line: `python -m qwen_nb generate --prompt "..." --out image.png` (also installed as `qwen-nb`).
+
+Each subcommand is a function `add_<name>(subparsers)` that registers its parser and sets `func`; `main` dispatches.
+Errors a user can fix (a size, a missing file, memory) print one message and exit with status 2, no traceback.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "Qwen/Qwen-Image"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class UsageError(Exception):
+    """A problem with the command line; printed with a tip, exit status 2."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1664x928' -> (width, height)."""
+    try:
+        w, h = (int(v) for v in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size takes WIDTHxHEIGHT in pixels, e.g. 1328x1328, not {text!r}") from None
+    return w, h
+
+
+def add_generate(subparsers) -> None:
+    from .pipeline import ASPECTS
+
+    p = subparsers.add_parser(
+        "generate",
+        help="make one image from a prompt",
+        description="Generate an image with Qwen-Image (diffusers' QwenImagePipeline semantics).",
+    )
+    p.add_argument("--prompt", required=True, help="what the image shows")
+    p.add_argument("--out", required=True, type=Path, help="image file to write (.png, .jpg, .webp)")
+    p.add_argument("--model", default=os.environ.get("QWEN_NB_WEIGHTS", DEFAULT_MODEL), help="hub id or folder")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20; the model card uses 50)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024)")
+    size.add_argument(
+        "--aspect",
+        choices=list(ASPECTS),
+        help="a model-card preset: " + ", ".join(f"{k}={w}x{h}" for k, (w, h) in ASPECTS.items()),
+    )
+    p.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (default 4.0; <= 1 turns CFG off)")
+    p.add_argument("--negative", default=" ", help="negative prompt (default ' ', the model card's)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
+    p.add_argument("--quantize", type=int, default=None, help="quantize the transformer to 8 or 4 bits")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--keep-text-encoder", action="store_true", help="keep the text encoder resident")
+    p.add_argument("--no-memory-check", action="store_true", help="load even when the memory plan says no")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or plan")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    import mlx.core as mx
+
+    from .pipeline import ASPECTS, GenerationInterrupted, QwenImagePipeline, check_size
+
+    out = args.out.expanduser()
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {out} should end in one of {', '.join(IMAGE_SUFFIXES)}")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; nothing was written. Choose another --out, or add --force to replace it.")
+    if not out.parent.exists():
+        raise UsageError(f"the folder {out.parent} does not exist: create it first")
+    width, height = args.size or ASPECTS.get(args.aspect) or (1024, 1024)
+    check_size(height, width)  # before the model loads
+
+    pipe = QwenImagePipeline.from_pretrained(
+        args.model,
+        dtype=getattr(mx, args.dtype),
+        quantize=args.quantize,
+        keep_text_encoder=True if args.keep_text_encoder else None,
+        check_memory=not args.no_memory_check,
+        plan_size=(height, width),
+        verbose=not args.quiet,
+    )
+    try:
+        image = pipe.generate(
+            args.prompt,
+            negative_prompt=args.negative,
+            height=height,
+            width=width,
+            steps=args.steps,
+            cfg_scale=args.cfg,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    except GenerationInterrupted as e:
+        print(f"\n{e.args[0].split(';')[0]}; nothing was written.", file=sys.stderr)
+        return 130
+    stats = pipe.last_stats
+    info = None
+    if out.suffix.lower() == ".png":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text(
+            "parameters",
+            f"{args.prompt}\nNegative prompt: {args.negative}\nSteps: {args.steps}, CFG: {args.cfg}, "
+            f"Seed: {stats.seed}, Size: {width}x{height}, Model: {args.model}",
+        )
+    if info is not None:
+        image.save(out, pnginfo=info)
+    else:
+        image.save(out)
+    print(f"wrote {out} ({width}x{height}, seed {stats.seed})")
+    print(f"time per step {stats.step_s:.3f} s, total {stats.total_s:.2f} s, peak memory {stats.peak_gb:.2f} GB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qwen_nb", description="Qwen-Image in MLX.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    add_generate(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .loading import CheckpointError
+    from .memory import MemoryPlanError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, MemoryPlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"Tip: python -m qwen_nb {args.command} --help lists the options.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The whole pipeline against diffusers' QwenImagePipeline on tiny random checkpoints (tests/fixtures/tiny_pipeline,
+written by tests/fixtures/make_pipeline_fixtures.py), plus the prompt cache, sequenced loading, interrupts,
+quantization with save/load, and the memory plan."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import qwen_nb.memory as memory
+import qwen_nb.pipeline as pipeline_module
+from qwen_nb.memory import MemoryPlanError, plan_memory
+from qwen_nb.pipeline import GenerationInterrupted, QwenImagePipeline
+from qwen_nb.quantize import quantize_transformer
+from qwen_nb.transformer import QwenImageTransformer, TransformerConfig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tiny_pipeline"
+LAYOUTS = ["layout_a", "layout_b"]
+GOLDENS = mx.load(str(FIXTURES / "goldens.safetensors"))
+CASES = {c["name"]: c for c in json.loads((FIXTURES / "goldens.json").read_text())["cases"]}
+
+
+def load(layout="layout_a", **kw) -> QwenImagePipeline:
+    return QwenImagePipeline.from_pretrained(FIXTURES / layout, dtype=mx.float32, verbose=False, **kw)
+
+
+def run_case(pipe, name, **kw):
+    c = CASES[name]
+    return pipe.generate(
+        c["prompt"],
+        c["negative_prompt"],
+        c["height"],
+        c["width"],
+        c["steps"],
+        c["cfg_scale"],
+        latents=GOLDENS[f"{name}.noise"],
+        progress=False,
+        **kw,
+    )
+
+
+def pixel_diff(image, name) -> int:
+    return int(np.abs(np.asarray(image).astype(int) - np.array(GOLDENS[f"{name}.image"]).astype(int)).max())
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def pipe(request):
+    return load(request.param)
+
+
+# ---------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("name", list(CASES))
+def test_parity_with_diffusers(pipe, name):
+    """Same noise, same weights: diffusers' uint8 image within 2/255, every step's latents within 1e-5 (float32)."""
+    c = CASES[name]
+    steps = []
+    image = run_case(pipe, name, callback=lambda i, x: steps.append(np.array(x[0])))
+    assert image.size == (c["width"], c["height"]) and image.mode == "RGB"
+    np.testing.assert_allclose(np.stack(steps), np.array(GOLDENS[f"{name}.latents"]), rtol=1e-5, atol=1e-5)
+    diff = pixel_diff(image, name)
+    print(f"{name}: max pixel difference {diff}/255")
+    assert diff <= 2
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prompt_embeddings_match_diffusers(pipe, name):
+    c = CASES[name]
+    embeds, mask = pipe.encode(c["prompt"])
+    assert mask is None  # one prompt: diffusers turns the all-ones mask into None
+    np.testing.assert_allclose(np.array(embeds), np.array(GOLDENS[f"{name}.prompt_embeds"]), rtol=1e-5, atol=1e-5)
+    if c["negative_prompt"] is not None:
+        neg, _ = pipe.encode(c["negative_prompt"])
+        assert neg.shape[1] == c["negative_tokens"]
+        np.testing.assert_allclose(np.array(neg), np.array(GOLDENS[f"{name}.negative_embeds"]), rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_only_with_negative_prompt_and_scale_above_one():
+    """diffusers: cfg_scale <= 1 or no negative prompt means one pass, the same image for any negative prompt."""
+    pipe = load()
+    noise = GOLDENS["square_cfg.noise"]
+    single = np.asarray(pipe.generate("a fox", None, 64, 64, 2, 4.0, latents=noise, progress=False))
+    off = np.asarray(pipe.generate("a fox", "blurry", 64, 64, 2, 1.0, latents=noise, progress=False))
+    on = np.asarray(pipe.generate("a fox", "blurry", 64, 64, 2, 4.0, latents=noise, progress=False))
+    assert np.array_equal(single, off)
+    assert not np.array_equal(single, on)
+    assert pipe.last_stats.cfg
+
+
+def test_seed_is_repeatable_and_accepts_5d_latents():
+    pipe = load()
+    a = np.asarray(pipe.generate("a fox", height=32, width=48, steps=2, seed=7, progress=False))
+    b = np.asarray(pipe.generate("a fox", height=32, width=48, steps=2, seed=7, progress=False))
+    c = np.asarray(pipe.generate("a fox", height=32, width=48, steps=2, seed=8, progress=False))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert pipe.last_stats.seed == 8
+    noise = GOLDENS["square_cfg.noise"]  # (1, 1, 16, 8, 8), diffusers' form, and its 4-D squeeze
+    x5 = np.asarray(pipe.generate("a fox", height=64, width=64, steps=2, latents=noise, progress=False))
+    x4 = np.asarray(pipe.generate("a fox", height=64, width=64, steps=2, latents=noise[:, 0], progress=False))
+    assert np.array_equal(x5, x4)
+
+
+def test_stats_report_times_and_peak_memory():
+    pipe = load()
+    run_case(pipe, "square_cfg")
+    s = pipe.last_stats
+    assert len(s.step_times_s) == 3 and s.step_s > 0 and s.total_s >= sum(s.step_times_s)
+    assert s.peak_gb > 0 and s.interrupted_at is None
+    assert "s/step" in str(s) and "peak memory" in str(s)
+
+
+# ---------------------------------------------------------------------------------------------- text side
+def test_prompt_cache_and_sequenced_text_encoder(monkeypatch):
+    """keep_text_encoder=False: the text encoder is freed after encoding, and the transformer before the text
+    encoder comes back for a new prompt; a (prompt, negative) pair seen before needs no text encoder at all."""
+    calls = {"te": 0, "tr": 0}
+    real_te, real_tr = QwenImagePipeline.load_text_encoder, QwenImagePipeline.load_transformer
+
+    def count_te(self):
+        calls["te"] += 1
+        return real_te(self)
+
+    def count_tr(self):
+        calls["tr"] += 1
+        return real_tr(self)
+
+    monkeypatch.setattr(QwenImagePipeline, "load_text_encoder", count_te)
+    monkeypatch.setattr(QwenImagePipeline, "load_transformer", count_tr)
+    pipe = load(keep_text_encoder=False)
+    assert not pipe.keep_text_encoder
+    first = np.asarray(run_case(pipe, "square_cfg"))
+    assert pipe._text_encoder is None and pipe._transformer is not None
+    assert calls == {"te": 1, "tr": 1}
+    again = np.asarray(run_case(pipe, "square_cfg"))  # cached: no text encoder, transformer kept
+    assert calls == {"te": 1, "tr": 1} and np.array_equal(first, again)
+    assert pixel_diff(again, "square_cfg") <= 2
+    run_case(pipe, "cjk_emoji_single")  # new prompt: transformer released, text encoder loaded, then swapped back
+    assert calls == {"te": 2, "tr": 2}
+    assert pipe._text_encoder is None
+
+    kept = load(keep_text_encoder=True)
+    run_case(kept, "square_cfg")
+    assert kept._text_encoder is not None and kept._transformer is not None
+
+
+def test_long_prompt_is_cut_to_max_sequence_length_like_diffusers(capsys):
+    pipe = QwenImagePipeline.from_pretrained(FIXTURES / "layout_a", dtype=mx.float32, max_sequence_length=8)
+    embeds, _ = pipe.encode(CASES["wide_long_negative"]["negative_prompt"])
+    assert embeds.shape[1] == 8
+    assert "only the first 8 are used" in capsys.readouterr().out
+    np.testing.assert_allclose(
+        np.array(embeds), np.array(GOLDENS["wide_long_negative.negative_embeds"][:, :8]), rtol=1e-5, atol=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+@pytest.mark.parametrize("k", [0, 2])
+def test_interrupt_stops_cleanly_and_pipeline_stays_usable(k):
+    pipe = load()
+
+    def stop(i, x):
+        if i == k:
+            raise KeyboardInterrupt
+
+    with pytest.raises(GenerationInterrupted, match=f"stopped after step {k + 1} of 4") as e:
+        run_case(pipe, "wide_long_negative", callback=stop)
+    assert isinstance(e.value, KeyboardInterrupt)  # Ctrl-C semantics kept for scripts
+    assert e.value.step == k + 1 and pipe.last_stats.interrupted_at == k + 1
+    np.testing.assert_allclose(
+        np.array(e.value.latents[0]), np.array(GOLDENS["wide_long_negative.latents"][k]), rtol=1e-5, atol=1e-5
+    )
+    preview = pipe.decode(e.value.latents, e.value.height, e.value.width)
+    assert preview.size == (96, 64)
+    assert pixel_diff(run_case(pipe, "wide_long_negative"), "wide_long_negative") <= 2
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+def count_layers(model):
+    mods = [m for _, m in model.named_modules()]
+    return sum(isinstance(m, nn.QuantizedLinear) for m in mods), sum(type(m) is nn.Linear for m in mods)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_every_linear_modulation_at_8_bits(bits):
+    pipe = load(quantize=bits)
+    t = pipe.transformer
+    q, plain = count_layers(t)
+    assert plain == 0 and q == pipe.quantization.quantized and not pipe.quantization.skipped
+    assert q == 2 * 14 + 6  # per block 2 modulation + 8 attention + 4 MLP; img_in, txt_in, 2 time, norm_out, proj_out
+    named = dict(t.named_modules())
+    for path, m in named.items():
+        if isinstance(m, nn.QuantizedLinear):
+            mod = ".img_mod." in path + "." or ".txt_mod." in path + "." or path.startswith("norm_out.linear")
+            assert m.bits == (max(bits, 8) if mod else bits), path
+            assert m.group_size == 64
+    assert pipe.text_encoder.model.layers[0].self_attn.q_proj.__class__ is nn.Linear  # text encoder untouched
+    image = np.asarray(run_case(pipe, "square_cfg"))
+    assert image.shape == (64, 64, 3)
+
+
+def test_quantize_reports_layers_it_cannot_quantize():
+    """txt_in of TransformerConfig.tiny() is 48 wide, not a multiple of 64: kept in full precision and listed."""
+    model = QwenImageTransformer(TransformerConfig.tiny())
+    report = quantize_transformer(model, 4)
+    assert report.skipped == ["txt_in"]
+    q, plain = count_layers(model)
+    assert plain == 1 and q == report.quantized
+
+
+def test_quantized_save_and_load_round_trip(tmp_path):
+    pipe = load(quantize=4)
+    before = np.asarray(run_case(pipe, "square_cfg"))
+    out = pipe.save_pretrained(tmp_path / "q4", max_shard_size=100_000)
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["modulation_bits"] == 8
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    # the text encoder's vision-only and lm_head-only shards were not needed, so not copied
+    assert len(list((out / "text_encoder").glob("*.safetensors"))) == 3
+
+    again = load_from(out)
+    assert again.quantize == 4
+    after = np.asarray(run_case(again, "square_cfg"))
+    assert np.array_equal(before, after)
+    assert count_layers(again.transformer) == count_layers(pipe.transformer)
+    with pytest.raises(ValueError, match="holds a 4-bit transformer"):
+        QwenImagePipeline.from_pretrained(out, dtype=mx.float32, quantize=8, verbose=False)
+
+
+def load_from(folder, **kw):
+    return QwenImagePipeline.from_pretrained(folder, dtype=mx.float32, verbose=False, **kw)
+
+
+def test_unquantized_save_round_trip_and_no_overwrite(tmp_path):
+    pipe = load("layout_b")
+    out = pipe.save_pretrained(tmp_path / "plain")
+    assert pixel_diff(run_case(load_from(out), "cjk_emoji_single"), "cjk_emoji_single") <= 2
+    with pytest.raises(FileExistsError, match="not empty; nothing was written"):
+        pipe.save_pretrained(out)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        pipe.save_pretrained(mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    with pytest.raises(ValueError, match="overlaps the folder"):
+        pipe.save_pretrained(FIXTURES / "layout_b" / "sub", overwrite=True)
+    pipe.save_pretrained(out, overwrite=True)
+    assert pixel_diff(run_case(load_from(out), "cjk_emoji_single"), "cjk_emoji_single") <= 2
+
+
+# ---------------------------------------------------------------------------------------------- memory plan
+def test_plan_component_bytes_equal_loaded_parameters():
+    """The plan reads only safetensors headers; its byte counts equal the loaded models' parameters."""
+    pipe = load()
+    plan = plan_memory(FIXTURES / "layout_a", mx.float32)
+    nbytes = lambda m: sum(v.nbytes for _, v in tree_flatten(m.parameters()))
+    assert plan.components["transformer"] == nbytes(pipe.transformer)
+    assert plan.components["text_encoder"] == nbytes(pipe.text_encoder)
+    q = load(quantize=4)
+    plan4 = plan_memory(FIXTURES / "layout_a", mx.float32, quantize=4)
+    assert plan4.components["transformer"] == nbytes(q.transformer)
+
+
+def test_plan_real_checkpoint_sizes(tmp_path):
+    """The full 20B config, as sparse safetensors files of the real shapes: bf16 = 2 bytes x 20,430,401,088
+    parameters (spec 1.1); 8- and 4-bit with group-64 bf16 scales and biases (8.5 / 4.5 bits per weight)."""
+    model = QwenImageTransformer(TransformerConfig())
+    params = dict(tree_flatten(model.parameters()))  # lazy: nothing is allocated
+    assert sum(v.size for v in params.values()) == 20_430_401_088
+    header = {k: {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [0, 0]} for k, v in params.items()}
+    offset = 0
+    for k, v in params.items():
+        header[k]["data_offsets"] = [offset, offset + 2 * v.size]
+        offset += 2 * v.size
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    blob = json.dumps(header).encode()
+    with open(folder / "diffusion_pytorch_model.safetensors", "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)  # sparse: no disk used
+    shapes = memory.tensor_shapes(folder)
+    assert memory.component_bytes(shapes, mx.bfloat16) == 40_860_802_176
+    linear = sum(v.size for k, v in params.items() if v.ndim == 2)
+    mod = sum(v.size for k, v in params.items() if v.ndim == 2 and memory.is_modulation(k))
+    rest = 2 * sum(v.size for k, v in params.items() if v.ndim != 2)
+    assert mod == 60 * 2 * 3072 * 18432 + 3072 * 6144
+    for bits in (8, 4):
+        expected = rest + (linear - mod) * bits // 8 + mod + 4 * linear // 64
+        assert memory.component_bytes(shapes, mx.bfloat16, bits) == expected
+    assert memory.component_bytes(shapes, mx.bfloat16, 8) / 1e9 == pytest.approx(21.7, abs=0.1)
+    assert memory.component_bytes(shapes, mx.bfloat16, 4) / 1e9 == pytest.approx(14.9, abs=0.1)  # modulation at 8 bits
+
+
+def fake_budget(monkeypatch, nbytes):
+    monkeypatch.setattr(memory, "device_memory", lambda: (int(nbytes), "test budget"))
+
+
+def test_memory_plan_refuses_and_suggests_quantization(monkeypatch):
+    plain = plan_memory(FIXTURES / "layout_a", mx.float32, budget=10**12)
+    q8 = plan_memory(FIXTURES / "layout_a", mx.float32, quantize=8, budget=10**12)
+    fake_budget(monkeypatch, (plain.sequenced_peak + q8.sequenced_peak) // 2)
+    with pytest.raises(MemoryPlanError, match=r"will not fit(.|\n)*quantize=8") as e:
+        load()
+    assert "check_memory=False" in str(e.value)
+    assert load(quantize=8).memory_plan.fits
+    assert load(check_memory=False).memory_plan.peak == plain.sequenced_peak  # overridden: loads anyway
+
+    fake_budget(monkeypatch, 1000)
+    with pytest.raises(MemoryPlanError, match="Even quantize=4 will not fit"):
+        load()
+
+
+def test_memory_plan_sequences_the_text_encoder_when_needed(monkeypatch):
+    plan = plan_memory(FIXTURES / "layout_a", mx.float32, budget=10**12)
+    assert plan.keep_text_encoder and plan.sequenced_peak < plan.resident_peak
+    fake_budget(monkeypatch, (plan.sequenced_peak + plan.resident_peak) // 2)
+    pipe = load()
+    assert not pipe.keep_text_encoder  # chosen by the plan
+    assert pixel_diff(run_case(pipe, "square_cfg"), "square_cfg") <= 2
+    assert pipe._text_encoder is None
+    with pytest.raises(MemoryPlanError, match="free the text encoder"):
+        load(keep_text_encoder=True)
+
+
+def test_generate_checks_memory_at_its_size():
+    pipe = load(plan_size=(64, 64))
+    pipe.memory_plan.budget = pipe.memory_plan.peak  # just fits at 64x64
+    run_case(pipe, "square_cfg")
+    with pytest.raises(MemoryPlanError, match="will not fit"):
+        pipe.generate("a fox", height=1024, width=1024, steps=1, progress=False)
+
+
+def test_device_memory_prefers_the_recommended_working_set(monkeypatch):
+    monkeypatch.setattr(mx, "device_info", lambda: {"memory_size": 64e9, "max_recommended_working_set_size": 48e9})
+    assert memory.device_memory() == (48_000_000_000, "mx.device_info()['max_recommended_working_set_size']")
+    monkeypatch.setattr(mx, "device_info", lambda: {"total_memory": 80e9})
+    assert memory.device_memory()[0] == 80_000_000_000
+    monkeypatch.setattr(mx, "device_info", lambda: {})
+    assert memory.device_memory()[1] == "physical RAM"
+
+
+def test_pipeline_module_lists_model_card_presets():
+    assert pipeline_module.ASPECTS["16:9"] == (1664, 928) and len(pipeline_module.ASPECTS) == 7
+    assert all(w % 16 == 0 and h % 16 == 0 for w, h in pipeline_module.ASPECTS.values())
