@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -74,6 +75,7 @@ class GenerationStats:
     decode_s: float = 0.0
     total_s: float = 0.0
     peak_gb: float = 0.0
+    stage_peaks_gb: dict = field(default_factory=dict)  # peak so far at the end of each stage
     interrupted_at: int | None = None
 
     @property
@@ -119,7 +121,11 @@ class QwenImagePipeline:
 
     def __init__(
         self,
-        folder: Path,
+        tokenizer: QwenTokenizer,
+        scheduler_config: SchedulerConfig | None = None,
+        *,
+        folder: Path | None = None,
+        builders: dict | None = None,
         dtype: mx.Dtype = mx.bfloat16,
         quantize: int | None = None,
         plan: MemoryPlan | None = None,
@@ -131,9 +137,13 @@ class QwenImagePipeline:
         cache_size: int = 32,
         verbose: bool = True,
     ):
-        self.folder = Path(folder)
+        """Use `from_pretrained` (a checkpoint) or `from_components` (models in memory)."""
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.folder = None if folder is None else Path(folder)
+        self._builders = builders or {}
         self.dtype = dtype
-        self.quantize = quantize
+        self.quantize = check_bits(quantize)
         self.memory_plan = plan
         self.keep_text_encoder = keep_text_encoder
         self.check_memory = check_memory
@@ -141,9 +151,6 @@ class QwenImagePipeline:
         self.max_sequence_length = max_sequence_length
         self.vae_tile = vae_tile
         self.verbose = verbose
-        self.tokenizer = QwenTokenizer.from_pretrained(self.folder / "tokenizer")
-        self.scheduler_config = SchedulerConfig.from_file(self.folder / "scheduler" / "scheduler_config.json")
-        self.transformer_config = TransformerConfig.from_dict(read_config(self.folder / "transformer"))
         self.quantization: QuantizationReport | None = None
         self.last_stats: GenerationStats | None = None
         self._cache: OrderedDict = OrderedDict()
@@ -200,10 +207,12 @@ class QwenImagePipeline:
         if verbose:
             print(plan)
         return cls(
-            folder,
-            dtype,
-            stored["bits"] if stored else bits,
-            plan,
+            QwenTokenizer.from_pretrained(folder / "tokenizer"),
+            SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json"),
+            folder=folder,
+            dtype=dtype,
+            quantize=stored["bits"] if stored else bits,
+            plan=plan,
             keep_text_encoder=plan.keep_text_encoder,
             check_memory=check_memory,
             switches=switches,
@@ -212,8 +221,45 @@ class QwenImagePipeline:
             verbose=verbose,
         )
 
+    @classmethod
+    def from_components(
+        cls,
+        tokenizer: QwenTokenizer,
+        transformer,
+        text_encoder,
+        vae,
+        scheduler_config: SchedulerConfig | None = None,
+        *,
+        dtype: mx.Dtype = mx.bfloat16,
+        quantize: int | None = None,
+        keep_text_encoder: bool = True,
+        **options,
+    ) -> "QwenImagePipeline":
+        """A pipeline from models in memory (tests, benchmarks, notebooks). `transformer`, `text_encoder` and
+        `vae` are modules, or zero-argument functions that build one: with functions the pipeline can free a
+        model and build it again, so keep_text_encoder=False sequences them as it does a checkpoint's."""
+        builders = {
+            name: (m if callable(m) and not isinstance(m, nn.Module) else (lambda m=m: m))
+            for name, m in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae))
+        }
+        return cls(
+            tokenizer,
+            scheduler_config,
+            builders=builders,
+            dtype=dtype,
+            quantize=quantize,
+            keep_text_encoder=keep_text_encoder,
+            check_memory=False,
+            **options,
+        )
+
     def load_transformer(self) -> QwenImageTransformer:
         """The transformer, built and loaded lazily (and quantized, still lazily): nothing is read yet."""
+        if self.folder is None:
+            model = self._builders["transformer"]()
+            if self.quantize and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+                self.quantization = quantize_transformer(model, self.quantize)
+            return model
         folder = self.folder / "transformer"
         raw = read_config(folder)
         model = QwenImageTransformer(TransformerConfig.from_dict(raw), self.switches)
@@ -234,6 +280,8 @@ class QwenImagePipeline:
 
     def load_text_encoder(self) -> QwenTextEncoder:
         """The text encoder's language model (no vision tower, no lm_head, whose shards need not exist), lazily."""
+        if self.folder is None:
+            return self._builders["text_encoder"]()
         folder = self.folder / "text_encoder"
         model = QwenTextEncoder(TextEncoderConfig.from_dict(read_config(folder)), self.switches)
         weights = QwenTextEncoder.sanitize(read_weights(folder, self.dtype, keep=KEEP["text_encoder"]))
@@ -246,10 +294,15 @@ class QwenImagePipeline:
             self._transformer = self.load_transformer()
         return self._transformer
 
+    def load_vae(self):
+        if self.folder is None:
+            return self._builders["vae"]()
+        return load_vae(self.folder / "vae", self.dtype)
+
     @property
     def vae(self):
         if self._vae is None:
-            self._vae = load_vae(self.folder / "vae", self.dtype)
+            self._vae = self.load_vae()
         return self._vae
 
     @property
@@ -266,27 +319,14 @@ class QwenImagePipeline:
 
     def materialize_transformer(self) -> None:
         """Read (and quantize) the transformer's weights now, block by block so the peak stays near their size."""
-        t = self.transformer
-        for child in t.children().values():
-            if isinstance(child, list):
-                for block in child:
-                    mx.eval(block.parameters())
-            elif hasattr(child, "parameters"):
-                mx.eval(child.parameters())
+        materialize(self.transformer)
 
     # ------------------------------------------------------------------ text
-    def _count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(PROMPT_TEMPLATE.format(text))) - DROP_IDX
+    def _key(self, text: str):
+        return (text, self.max_sequence_length)
 
-    def encode(self, text: str):
-        """(embeds (1, L, hidden), mask (1, L) or None) of one prompt, as diffusers' encode_prompt gives them
-        (an all-ones mask becomes None). Cached by text, so a (prompt, negative prompt) pair seen before costs
-        nothing and needs no text encoder."""
-        key = (text, self.max_sequence_length)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        n = self._count_tokens(text)
+    def _check_length(self, text: str) -> None:
+        n = len(self.tokenizer.encode(PROMPT_TEMPLATE.format(text))) - DROP_IDX
         if n > MAX_TOKENS:
             raise ValueError(
                 f"the prompt is {n} tokens long (with the template's 5-token tail), more than the {MAX_TOKENS} the "
@@ -297,6 +337,16 @@ class QwenImagePipeline:
                 f"note: the prompt is {n} tokens; only the first {self.max_sequence_length} are used "
                 "(max_sequence_length, as in diffusers)"
             )
+
+    def encode(self, text: str):
+        """(embeds (1, L, hidden), mask (1, L) or None) of one prompt, as diffusers' encode_prompt gives them
+        (an all-ones mask becomes None). Cached by text, so a (prompt, negative prompt) pair seen before costs
+        nothing and needs no text encoder."""
+        key = self._key(text)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        self._check_length(text)
         if self._text_encoder is None and not self.keep_text_encoder:
             self._release("_transformer")  # sequenced: the two large models are never resident together
         embeds, mask = encode_prompt(self.tokenizer, self.text_encoder, text, self.max_sequence_length)
@@ -307,11 +357,26 @@ class QwenImagePipeline:
             self._cache.popitem(last=False)
         return value
 
-    def encode_prompts(self, prompt: str, negative_prompt: str | None):
+    def encode_prompts(self, prompt: str, negative_prompt: str | None, stats: "GenerationStats | None" = None):
         """(cond, uncond) embeddings; uncond is None without a negative prompt. Frees the text encoder afterwards
-        when the pipeline runs sequenced."""
+        when the pipeline runs sequenced. Both prompts are checked before the text encoder is loaded."""
+        texts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
+        missing = [t for t in texts if self._key(t) not in self._cache]
+        for t in missing:
+            self._check_length(t)
+        if missing:
+            if self._text_encoder is None and not self.keep_text_encoder:
+                self._release("_transformer")
+            start = time.perf_counter()
+            materialize(self.text_encoder)
+            if stats is not None:
+                stats.load_s += time.perf_counter() - start
+        start = time.perf_counter()
         cond = self.encode(prompt)
         uncond = self.encode(negative_prompt) if negative_prompt is not None else None
+        if stats is not None:
+            stats.text_s = time.perf_counter() - start
+            stats.stage_peaks_gb["text"] = mx.get_peak_memory() / 1e9
         if not self.keep_text_encoder:
             self._release("_text_encoder")
         return cond, uncond
@@ -405,12 +470,12 @@ class QwenImagePipeline:
         mx.reset_peak_memory()
         start = time.perf_counter()
 
-        cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None)
-        stats.text_s = time.perf_counter() - start
+        cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats)
 
         t = time.perf_counter()
         self.materialize_transformer()
-        stats.load_s = time.perf_counter() - t
+        stats.load_s += time.perf_counter() - t
+        stats.stage_peaks_gb["weights"] = mx.get_peak_memory() / 1e9
 
         grid = (height // MULTIPLE, width // MULTIPLE)
         x = pack_latents(noise)
@@ -434,9 +499,11 @@ class QwenImagePipeline:
             stats.peak_gb = mx.get_peak_memory() / 1e9
             raise GenerationInterrupted(stats.interrupted_at, steps, x, height, width) from None
 
+        stats.stage_peaks_gb["denoise"] = mx.get_peak_memory() / 1e9
         t = time.perf_counter()
         image = self.decode(x, height, width)
         stats.decode_s = time.perf_counter() - t
+        stats.stage_peaks_gb["decode"] = mx.get_peak_memory() / 1e9
         stats.total_s = time.perf_counter() - start
         stats.peak_gb = mx.get_peak_memory() / 1e9
         return image
@@ -483,6 +550,18 @@ class QwenImagePipeline:
         (tdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _save_sharded(dict(tree_flatten(self.transformer.parameters())), tdir, max_shard_size)
         return out
+
+
+def materialize(module) -> None:
+    """Evaluate a module's parameters group by group (each numbered block separately), so reading or quantizing
+    lazily loaded weights never holds more than one block's sources at a time."""
+    groups = {}
+    for name, v in tree_flatten(module.parameters()):
+        parts = name.split(".")
+        key = next((".".join(parts[: i + 1]) for i, p in enumerate(parts) if p.isdigit()), parts[0])
+        groups.setdefault(key, []).append(v)
+    for arrays in groups.values():
+        mx.eval(arrays)
 
 
 def _copy(src: Path, dst: Path) -> None:

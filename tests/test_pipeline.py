@@ -345,3 +345,28 @@ def test_device_memory_prefers_the_recommended_working_set(monkeypatch):
 def test_pipeline_module_lists_model_card_presets():
     assert pipeline_module.ASPECTS["16:9"] == (1664, 928) and len(pipeline_module.ASPECTS) == 7
     assert all(w % 16 == 0 and h % 16 == 0 for w, h in pipeline_module.ASPECTS.values())
+
+
+def test_from_components_with_builders_sequences_like_a_checkpoint():
+    src = load()
+    calls = []
+
+    def build_text_encoder():
+        calls.append("te")
+        return src.load_text_encoder()
+
+    pipe = QwenImagePipeline.from_components(
+        src.tokenizer,
+        src.load_transformer,
+        build_text_encoder,
+        src.load_vae(),  # a module is accepted too
+        src.scheduler_config,
+        dtype=mx.float32,
+        keep_text_encoder=False,
+        verbose=False,
+    )
+    assert pixel_diff(run_case(pipe, "square_cfg"), "square_cfg") <= 2
+    assert pipe._text_encoder is None and calls == ["te"]
+    assert pixel_diff(run_case(pipe, "cjk_emoji_single"), "cjk_emoji_single") <= 2
+    assert calls == ["te", "te"]
+    assert set(pipe.last_stats.stage_peaks_gb) == {"text", "weights", "denoise", "decode"}
