@@ -266,7 +266,10 @@ class QwenImagePipeline:
         stored = raw.get("quantization")
         if stored:  # a folder written by save_pretrained: the structure first, then its quantized tensors
             self.quantization = quantize_transformer(
-                model, stored["bits"], stored.get("group_size", GROUP_SIZE), stored.get("modulation_bits", 8)
+                model,
+                stored["bits"],
+                stored.get("group_size", GROUP_SIZE),
+                stored.get("modulation_bits", MODULATION_BITS),
             )
         load_strict(model, read_weights(folder, self.dtype), "transformer")
         if self.quantize and not stored:
@@ -487,12 +490,11 @@ class QwenImagePipeline:
                 for i, x_next in enumerate(self.denoise(x, cond, uncond, cfg_scale, steps, grid)):
                     mx.eval(x_next)
                     x = x_next
-                    now = time.perf_counter()
-                    stats.step_times_s.append(now - t)
-                    t = now
+                    stats.step_times_s.append(time.perf_counter() - t)
                     bar.update()
                     if callback is not None:
                         callback(i, x)
+                    t = time.perf_counter()  # the callback's own time is not the step's
         except KeyboardInterrupt:
             stats.interrupted_at = len(stats.step_times_s)
             stats.total_s = time.perf_counter() - start
@@ -602,4 +604,4 @@ def _save_sharded(weights: dict, folder: Path, max_shard_size: int, name: str = 
     (folder / f"{name}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["ASPECTS", "GenerationInterrupted", "GenerationStats", "QwenImagePipeline", "check_size", "MODULATION_BITS"]
+__all__ = ["ASPECTS", "GenerationInterrupted", "GenerationStats", "QwenImagePipeline", "check_size"]

@@ -370,3 +370,36 @@ def test_from_components_with_builders_sequences_like_a_checkpoint():
     assert pixel_diff(run_case(pipe, "cjk_emoji_single"), "cjk_emoji_single") <= 2
     assert calls == ["te", "te"]
     assert set(pipe.last_stats.stage_peaks_gb) == {"text", "weights", "denoise", "decode"}
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 -> nearest bfloat16 (ties to even), by bit arithmetic: independent of MLX's casts."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def test_bf16_sigma_is_rounded_as_diffusers_rounds_it():
+    """diffusers passes `t.to(bf16) / 1000` (spec 1.3): sigma = bf16(bf16(1000 sigma) / 1000), e.g. 989.70 -> 988."""
+    from qwen_nb.scheduler import flow_match_sigmas
+
+    pipe = QwenImagePipeline.from_pretrained(FIXTURES / "layout_a", verbose=False)  # bfloat16
+    real = pipe.transformer
+    seen = []
+
+    class Spy:
+        def parameters(self):
+            return real.parameters()
+
+        def __call__(self, x, text, sigma, grid, mask=None):
+            seen.append(np.array(sigma.astype(mx.float32)))
+            assert sigma.dtype == mx.bfloat16
+            return real(x, text, sigma, grid, mask)
+
+    pipe._transformer = Spy()
+    image = pipe.generate("a fox", None, 64, 64, steps=5, seed=0, progress=False)
+    t = flow_match_sigmas(5, 16)[:-1] * np.float32(1000)
+    expected = bf16_round(bf16_round(t) / np.float32(1000))
+    np.testing.assert_array_equal(np.concatenate(seen), expected)
+    assert not np.array_equal(expected, bf16_round(t / np.float32(1000)))  # the two roundings differ here
+    assert np.asarray(image).std() > 10  # a bfloat16 run gives an image, not a flat or NaN one
