@@ -18,6 +18,7 @@ from .loading import read_config, read_header, weight_files
 STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1}
 FLOATING = {"F64", "F32", "F16", "BF16"}
 GB = 1e9
+HEADROOM = 0.1  # of the device's memory, left for the allocator's cache, the graph and the rest of the system
 
 
 class MemoryPlanError(RuntimeError):
@@ -137,8 +138,13 @@ class MemoryPlan:
         return self.resident_peak if self.keep_text_encoder else self.sequenced_peak
 
     @property
+    def usable(self) -> float | None:
+        """The bytes the plan may use: the device's memory less the headroom."""
+        return None if self.budget is None else self.budget * (1 - HEADROOM)
+
+    @property
     def fits(self) -> bool:
-        return self.budget is None or self.peak <= self.budget
+        return self.budget is None or self.peak <= self.usable
 
     def __str__(self) -> str:
         c, a = self.components, self.activations
@@ -156,7 +162,9 @@ class MemoryPlan:
                 else "with the text encoder freed before the transformer is loaded"
             )
             + (f" (resident: {self.resident_peak / GB:.1f} GB)" if not self.keep_text_encoder else ""),
-            f"  available {self.budget / GB:.1f} GB ({self.budget_source})" if self.budget else "  available: unknown",
+            f"  available {self.budget / GB:.1f} GB ({self.budget_source}), {self.usable / GB:.1f} GB of it usable"
+            if self.budget
+            else "  available: unknown",
         ]
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 
@@ -175,11 +183,12 @@ class MemoryPlan:
                     advice += f" or quantize={least} (peak {alternatives[least].peak / GB:.1f} GB)"
             else:
                 advice = "Even quantize=4 will not fit: use a machine with more memory or a smaller image size"
-        if self.keep_text_encoder and self.sequenced_peak <= (self.budget or 0):
+        if self.keep_text_encoder and self.sequenced_peak <= (self.usable or 0):
             advice = "Let the pipeline free the text encoder (keep_text_encoder=None or False)"
         raise MemoryPlanError(
             f"Qwen-Image will not fit: it needs about {self.peak / GB:.1f} GB and this device has "
-            f"{self.budget / GB:.1f} GB ({self.budget_source}).\n{self}\n{advice}. "
+            f"{self.budget / GB:.1f} GB ({self.budget_source}; {self.usable / GB:.1f} GB usable, leaving "
+            f"{HEADROOM:.0%} for the rest).\n{self}\n{advice}. "
             "check_memory=False skips this check (the machine may swap or the process be killed)."
         )
 
@@ -218,5 +227,5 @@ def plan_memory(
         size=(height, width),
     )
     if keep_text_encoder is None:
-        plan.keep_text_encoder = budget is None or plan.resident_peak <= budget
+        plan.keep_text_encoder = budget is None or plan.resident_peak <= plan.usable
     return plan

@@ -294,8 +294,10 @@ def test_plan_real_checkpoint_sizes(tmp_path):
     assert memory.component_bytes(shapes, mx.bfloat16, 4) / 1e9 == pytest.approx(14.9, abs=0.1)  # modulation at 8 bits
 
 
-def fake_budget(monkeypatch, nbytes):
-    monkeypatch.setattr(memory, "device_memory", lambda: (int(nbytes), "test budget"))
+def fake_budget(monkeypatch, usable):
+    """A device whose usable memory (after the plan's headroom) is `usable` bytes."""
+    nbytes = int(usable / (1 - memory.HEADROOM)) + 1
+    monkeypatch.setattr(memory, "device_memory", lambda: (nbytes, "test budget"))
 
 
 def test_memory_plan_refuses_and_suggests_quantization(monkeypatch):
@@ -327,10 +329,23 @@ def test_memory_plan_sequences_the_text_encoder_when_needed(monkeypatch):
 
 def test_generate_checks_memory_at_its_size():
     pipe = load(plan_size=(64, 64))
-    pipe.memory_plan.budget = pipe.memory_plan.peak  # just fits at 64x64
+    pipe.memory_plan.budget = int(pipe.memory_plan.peak / (1 - memory.HEADROOM)) + 1  # just fits at 64x64
     run_case(pipe, "square_cfg")
     with pytest.raises(MemoryPlanError, match="will not fit"):
         pipe.generate("a fox", height=1024, width=1024, steps=1, progress=False)
+
+
+def test_plan_keeps_headroom_and_sizes_real_machines():
+    """The real checkpoint's sizes (spec; 20.43B transformer, 7.07B text encoder without vision tower and lm_head)
+    on Macs of 128/64/32 GB (Metal's working set is 75% of RAM): resident / sequenced bf16 / 4-bit."""
+    gb = 1e9
+    components = {"text_encoder": 7.07 * 2 * gb, "transformer": 40.86 * gb, "vae": 0.25 * gb}
+    act = {"text": 0.3 * gb, "denoise": 0.5 * gb, "decode": 1.6 * gb}
+    q = lambda tr, ram: memory.MemoryPlan({**components, "transformer": tr * gb}, act, 0.75 * ram * gb, "t", False)
+    assert q(40.86, 128).fits and memory.MemoryPlan(components, act, 96 * gb, "t", True).fits
+    assert q(40.86, 64).fits and not memory.MemoryPlan(components, act, 48 * gb, "t", True).fits
+    assert not q(40.86, 32).fits and not q(21.7, 32).fits and q(14.9, 32).fits
+    assert memory.MemoryPlan(components, act, 100 * gb, "t", True).usable == pytest.approx(90 * gb)
 
 
 def test_device_memory_prefers_the_recommended_working_set(monkeypatch):
