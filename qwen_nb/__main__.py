@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .hub import HubError
     from .loading import CheckpointError
     from .memory import MemoryPlanError
 
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError, CheckpointError, MemoryPlanError) as e:
+    except (UsageError, ValueError, OSError, CheckpointError, MemoryPlanError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
         print(f"Tip: python -m qwen_nb {args.command} --help lists the options.", file=sys.stderr)
         return 2

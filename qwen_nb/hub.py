@@ -37,6 +37,10 @@ LAYOUT = (
 )
 
 
+class HubError(RuntimeError):
+    """The hub could not be reached or refused the request; the message says what to do."""
+
+
 def text_encoder_keep(name: str) -> bool:
     """The text encoder's tensors the pipeline reads: the language model, not the vision tower or lm_head."""
     return not name.startswith(("visual.", "model.visual.", "lm_head."))
@@ -162,8 +166,24 @@ def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose:
             "resumes), or give the folder of a local copy."
         ) from problem
 
-    api = HfApi()
-    info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except GatedRepoError as e:
+        raise HubError(f"{repo_id} is gated: accept its terms on huggingface.co and log in (`hf auth login`)") from e
+    except RevisionNotFoundError as e:
+        raise FileNotFoundError(f"{repo_id} has no revision {revision!r}") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{repo_id} is not a model on the Hugging Face hub (or it is private: log in with `hf auth login`). "
+            f"For a local folder, give its path (e.g. ./{repo_id})."
+        ) from e
+    except Exception as e:  # the network: httpx / OS errors
+        raise HubError(
+            f"could not reach the Hugging Face hub for {repo_id} ({type(e).__name__}: {e}). Check the connection, "
+            "or give the folder of a local copy; HF_HUB_OFFLINE=1 uses only what is in the cache."
+        ) from e
     revision = info.sha or revision
     sizes = {s.rfilename: s.size or 0 for s in info.siblings}
     small = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES))

@@ -208,3 +208,27 @@ def test_text_encoder_shards_not_needed_are_not_required(tmp_path):
     (folder / "text_encoder" / "model-00004-of-00005.safetensors").unlink()  # mixed: language + vision
     with pytest.raises(FileNotFoundError, match="1 of the 3 weight files .* missing: model-00004-of-00005"):
         hub.check_pipeline_folder(folder)
+
+
+def test_hub_unreachable_or_unknown_repo(tmp_path, monkeypatch):
+    import httpx
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+
+    class Down:
+        def model_info(self, *a, **k):
+            raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Down)
+    with pytest.raises(hub.HubError, match="could not reach the Hugging Face hub .*HF_HUB_OFFLINE=1"):
+        hub.download(REPO, cache_dir=tmp_path)
+
+    class Unknown:
+        def model_info(self, *a, **k):
+            request = httpx.Request("GET", f"https://huggingface.co/api/models/{REPO}")
+            raise RepositoryNotFoundError("404", response=httpx.Response(404, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Unknown)
+    with pytest.raises(FileNotFoundError, match="is not a model on the Hugging Face hub"):
+        hub.download(REPO, cache_dir=tmp_path)
