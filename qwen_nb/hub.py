@@ -211,7 +211,7 @@ def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose:
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
     if need > free:
-        raise RuntimeError(
+        raise HubError(
             f"not enough disk space for {repo_id}: {_gb(need)} to download, {_gb(free)} free under {cache}. "
             "Free some space or point HF_HUB_CACHE at a larger disk."
         )
