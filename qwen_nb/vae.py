@@ -188,8 +188,8 @@ def upsample2x(x: mx.array) -> mx.array:
 
 
 def subpixel_kernels(w: mx.array) -> mx.array:
-    """A 3x3 conv after nearest x2 upsampling, as four 2x2 convs on the low-resolution input, one per output
-    phase (row parity a, column parity b): (O, 3, 3, I) -> (4 O, 2, 2, I), phases in the order 00, 01, 10, 11.
+    """A 3x3 conv after nearest x2 upsampling, as 2x2 convs on the low-resolution input, one per output phase
+    (row parity a, column parity b): (O, 3, 3, I) -> (4 O, 2, 2, I), phases in the order (a, b) = 11, 10, 01, 00.
     Upsampled rows 2i-1, 2i, 2i+1 are input rows i-1, i, i, so phase a=0 applies (w0, w1+w2) to rows (i-1, i)
     and phase a=1 applies (w0+w1, w2) to rows (i, i+1); columns likewise."""
 
@@ -198,7 +198,7 @@ def subpixel_kernels(w: mx.array) -> mx.array:
         pair = (t[0], t[1] + t[2]) if phase == 0 else (t[0] + t[1], t[2])
         return mx.stack(pair, axis=axis)
 
-    return mx.concatenate([fold(fold(w, 1, a), 2, b) for a in (0, 1) for b in (0, 1)], axis=0)
+    return mx.concatenate([fold(fold(w, 1, a), 2, b) for a in (1, 0) for b in (1, 0)], axis=0)
 
 
 class Upsample(nn.Module):
@@ -221,11 +221,11 @@ class Upsample(nn.Module):
             return conv(upsample2x(x))
         B, H, W, _ = x.shape
         O = conv.weight.shape[0]
-        z = mx.conv2d(x, subpixel_kernels(conv.weight), padding=1)  # (B, H+1, W+1, 4 O): window rows p-1, p
-        z = z.reshape(B, H + 1, W + 1, 4, O)
-        # phase (a, b) at low-res pixel (i, j) is window (i + a, j + b); interleave into (B, H, 2, W, 2, O)
-        rows = [mx.stack([z[:, a : a + H, b : b + W, 2 * a + b] for b in (0, 1)], axis=3) for a in (0, 1)]
-        return mx.stack(rows, axis=2).reshape(B, 2 * H, 2 * W, O) + conv.bias
+        # Window p of the padded 2x2 conv covers input rows p-1, p: phase a=0 of output row 2p, phase a=1 of
+        # output row 2p-1. With the phases stored as (1 - a, 1 - b), interleaving is one transpose.
+        z = mx.conv2d(x, subpixel_kernels(conv.weight), padding=1)  # (B, H+1, W+1, 4 O)
+        z = z.reshape(B, H + 1, W + 1, 2, 2, O).transpose(0, 1, 3, 2, 4, 5) + conv.bias  # (B, H+1, 2, W+1, 2, O)
+        return z.reshape(B, 2 * H + 2, 2 * W + 2, O)[:, 1:-1, 1:-1]
 
 
 class Downsample(nn.Module):

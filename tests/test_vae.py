@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from qwen_nb import vae as qvae
 from qwen_nb.loading import load_strict, read_weights
 from qwen_nb.vae import AutoencoderKLQwenImage, Upsample, VAEConfig, load_vae, postprocess
 
@@ -181,6 +182,14 @@ def test_subpixel_upsample_equals_plain():
         Upsample.subpixel = True
     assert fast.shape == (2, 10, 14, 12)
     np.testing.assert_allclose(np.array(fast), np.array(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_query_chunks_are_exact(vae, goldens, monkeypatch):
+    """The mid-block attention split into query chunks (as for large images) gives the same decode."""
+    z = nhwc(goldens["decode_wide_latents"])
+    whole = vae.decode(z)
+    monkeypatch.setattr(qvae, "ATTN_CHUNK_ELEMENTS", 60 * 7)  # 60 latent pixels: chunks of 7 queries
+    np.testing.assert_allclose(np.array(vae.decode(z)), np.array(whole), rtol=1e-6, atol=1e-6)
 
 
 def test_2d_reduction_recorded_by_goldens():
