@@ -49,7 +49,7 @@ LATENTS_STD = (
 
 # Query rows per attention chunk are chosen so that one chunk's score matrix holds at most this many elements:
 # the mid-block attention has one 384-wide head, which no fused SDPA kernel takes, so scores are materialised.
-ATTN_CHUNK_ELEMENTS = 2**25
+ATTN_CHUNK_ELEMENTS = 2**24
 # A tile side (latent pixels) for memory-bounded decoding: 2 x 2 tiles at 1328x1328 (166 latents, overlap 25), so
 # the up blocks decode 4 x 96^2 = 1.34x the latent area, each tile a third of the image's activations.
 TILE = 96
@@ -338,7 +338,7 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 def _blend_weights(starts: list[int], tile: int, size: int, margin: int) -> list[mx.array]:
     """Per-tile 1-D weights (in pixels) that sum to one at every pixel: each overlap is cut at its middle and
     cross-faded linearly over a band that keeps `margin` pixels from both tiles' cut edges when the overlap is
-    wide enough (then only exact pixels are used), else over the whole overlap."""
+    wide enough (then only exact pixels are used), else over the middle half of the overlap."""
     n = len(starts)
     cuts, halves = [], []
     for i in range(n - 1):
