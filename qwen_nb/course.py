@@ -102,6 +102,16 @@ def max_diff(a, b) -> float:
     return float(np.abs(a - b).max())
 
 
+def tolerance(reference, float32: float = 1e-5, bfloat16: float = 2e-2) -> float:
+    """The bound for a notebook's agreement assert: `float32` (absolute) in the embedded mode; in the real mode's
+    bfloat16, `bfloat16` times the largest |reference| (an 8-bit mantissa rounds by up to 0.4% each time, and a layer
+    chains several roundings)."""
+    if DTYPE == mx.float32:
+        return float32
+    ref = np.asarray(reference.astype(mx.float32) if isinstance(reference, mx.array) else reference)
+    return bfloat16 * float(np.abs(ref).max())
+
+
 def _evaluate(out):
     mx.eval(out)  # any tree of arrays; other leaves are skipped
     return out
