@@ -7,6 +7,7 @@ Parameter names are diffusers' names verbatim (`transformer_blocks.3.img_mod.1.w
 
 import math
 from dataclasses import dataclass, fields
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -79,10 +80,14 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-@mx.compile
+@partial(mx.compile, shapeless=True)
 def gelu_tanh_fused(x: mx.array) -> mx.array:
     """The tanh GELU as one compiled kernel, computed in float32 as torch does for half inputs."""
-    return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
+    # 0.5 x (1 + tanh u) = x sigmoid(2u), and x*x*x for x**3: the same function (within 5e-7 in float32), but
+    # the CPU's sigmoid and multiplies are cheaper than its tanh and pow: 1.5x faster than nn.gelu_approx there.
+    xf = x.astype(mx.float32)
+    u = math.sqrt(2 / math.pi) * (xf + 0.044715 * (xf * xf * xf))
+    return (xf * mx.sigmoid(2 * u)).astype(x.dtype)
 
 
 def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
