@@ -28,6 +28,12 @@ EMBEDDED_NAME = "the tiny random pipeline of the tests (random weights: its pict
 WEIGHTS = os.environ.get("QWEN_NB_WEIGHTS", "").strip() or None
 REAL = WEIGHTS is not None
 DTYPE = mx.bfloat16 if REAL else mx.float32
+SIZE = 1024 if REAL else 64  # the image side notebook 09 generates at (the embedded model's own size)
+PROMPT = (
+    "A red fox sitting in the snow at dawn, soft morning light, Ultra HD, 4K, cinematic composition."
+    if REAL
+    else "a red circle at the top left on a blue background"  # the embedded demo model's kind of caption
+)
 
 LIMIT_S = 60.0  # the most one notebook may take in the embedded mode (CI: a 2-core CPU)
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
