@@ -44,7 +44,8 @@ _checkpoint = None
 def mode() -> str:
     """One line saying which model the notebooks run."""
     if REAL:
-        return f"real weights: QWEN_NB_WEIGHTS={WEIGHTS}, bfloat16, real sizes"
+        where = show_path(WEIGHTS) if Path(WEIGHTS).expanduser().exists() else WEIGHTS
+        return f"real weights: QWEN_NB_WEIGHTS={where}, bfloat16, real sizes"
     return f"embedded: {show_path(EMBEDDED)}, {EMBEDDED_NAME}; float32, tiny sizes"
 
 
