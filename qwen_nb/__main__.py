@@ -54,6 +54,13 @@ def add_generate(subparsers) -> None:
     p.add_argument("--no-memory-check", action="store_true", help="load even when the memory plan says no")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or plan")
+    p.add_argument(
+        "--preview-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="every N steps, write a cheap preview of the picture so far next to --out (NAME.preview.png)",
+    )
     p.set_defaults(func=run_generate)
 
 
@@ -71,6 +78,9 @@ def run_generate(args) -> int:
         raise UsageError(f"the folder {out.parent} does not exist: create it first")
     width, height = args.size or ASPECTS.get(args.aspect) or (1024, 1024)
     check_size(height, width)  # before the model loads
+    if args.preview_every is not None and args.preview_every < 1:
+        raise UsageError(f"--preview-every takes a number of steps >= 1, got {args.preview_every}")
+    preview_path = out.with_name(out.stem + ".preview.png")
 
     pipe = QwenImagePipeline.from_pretrained(
         args.model,
@@ -91,6 +101,8 @@ def run_generate(args) -> int:
             cfg_scale=args.cfg,
             seed=args.seed,
             progress=not args.quiet,
+            preview=None if args.preview_every is None else (lambda step, image: image.save(preview_path)),
+            preview_every=args.preview_every or 1,
         )
     except GenerationInterrupted as e:
         print(f"\n{e.args[0].split(';')[0]}; nothing was written.", file=sys.stderr)
@@ -111,6 +123,8 @@ def run_generate(args) -> int:
     else:
         image.save(out)
     print(f"wrote {out} ({width}x{height}, seed {stats.seed})")
+    if args.preview_every is not None:
+        print(f"previews went to {preview_path} (the last one: the guess after step {args.steps})")
     print(f"time per step {stats.step_s:.3f} s, total {stats.total_s:.2f} s, peak memory {stats.peak_gb:.2f} GB")
     return 0
 

@@ -441,13 +441,19 @@ class QwenImagePipeline:
         latents=None,
         callback=None,
         progress: bool = True,
+        preview=None,
+        preview_every: int = 1,
     ):
         """One image, as diffusers' QwenImagePipeline(prompt, negative_prompt, true_cfg_scale=cfg_scale, ...).
 
         CFG runs when cfg_scale > 1 and negative_prompt is not None (" " is the model card's "no negative
         prompt"). `latents` is the noise (1, 16, H/8, W/8) before packing; otherwise it is drawn from `seed`
         (random when None; the seed used is in `last_stats`). `callback(step, latents)` is called after each
-        step with the packed latents. Ctrl-C stops at the end of the current step with GenerationInterrupted."""
+        step with the packed latents. `preview(step, image)`, when given, is called after every `preview_every`-th
+        step (steps count from 0: after steps preview_every - 1, 2 preview_every - 1, ...) and after the last, with
+        a PIL image of the model's current guess of the final picture (qwen_nb.preview: a linear latent-to-RGB map
+        fitted once per VAE; no decode). Ctrl-C, or KeyboardInterrupt raised in `callback` or `preview`, stops at
+        the end of the current step with GenerationInterrupted."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string (one image per call), got {type(prompt).__name__}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
@@ -461,6 +467,10 @@ class QwenImagePipeline:
             raise ValueError(f"cfg_scale must be >= 0 (4.0 is the model card's; <= 1 turns CFG off), got {cfg_scale}")
         if seed is not None and not _is_int(seed):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        if preview is not None and not callable(preview):
+            raise ValueError(f"preview must be a function (step, PIL image) or None, got {type(preview).__name__}")
+        if not _is_int(preview_every) or preview_every < 1:
+            raise ValueError(f"preview_every must be an integer >= 1 (steps between previews), got {preview_every!r}")
         if latents is None and seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
         noise = self.initial_noise(height, width, seed, latents)
@@ -482,6 +492,12 @@ class QwenImagePipeline:
 
         grid = (height // MULTIPLE, width // MULTIPLE)
         x = pack_latents(noise)
+        if preview is not None:
+            from . import preview as previews
+            from .scheduler import flow_match_sigmas
+
+            projection = previews.projection_for(self.vae)  # fitted once per VAE, from a few small decodes
+            sigmas = flow_match_sigmas(steps, grid[0] * grid[1], self.scheduler_config)
         try:
             from tqdm.auto import tqdm
 
@@ -489,12 +505,15 @@ class QwenImagePipeline:
                 t = time.perf_counter()
                 for i, x_next in enumerate(self.denoise(x, cond, uncond, cfg_scale, steps, grid)):
                     mx.eval(x_next)
-                    x = x_next
+                    x, before = x_next, x
                     stats.step_times_s.append(time.perf_counter() - t)
                     bar.update()
                     if callback is not None:
                         callback(i, x)
-                    t = time.perf_counter()  # the callback's own time is not the step's
+                    if preview is not None and ((i + 1) % preview_every == 0 or i == steps - 1):
+                        guess = previews.x0_guess(before, x, float(sigmas[i]), float(sigmas[i + 1]))
+                        preview(i, previews.preview(projection, guess, height, width))
+                    t = time.perf_counter()  # the callbacks' own time is not the step's
         except KeyboardInterrupt:
             stats.interrupted_at = len(stats.step_times_s)
             stats.total_s = time.perf_counter() - start
