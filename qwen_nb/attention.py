@@ -4,6 +4,8 @@ Each stream has its own q/k/v projections and per-head QK RMSNorm; the two are c
 rotated by the 3-D RoPE and attend jointly. Returns (img, txt) of the input shapes.
 """
 
+import copy
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -49,6 +51,41 @@ class JointAttention(nn.Module):
         self.to_out = [nn.Linear(inner, dim)]  # diffusers' to_out.1 is a Dropout: nothing to load
         self.to_add_out = nn.Linear(inner, dim)
 
+    # ---------------------------------------------------------------- fused projections
+    @property
+    def fused(self) -> bool:
+        return "to_qkv" in self
+
+    def fuse_projections(self) -> None:
+        """Replace each stream's q, k and v projections by one linear of three times the width (one matmul
+        instead of three: the weights are stacked row-wise, so the outputs are bit-for-bit the same columns).
+        Works on quantized linears too (groups run along the input width, rows are independent). Lazy: nothing
+        is copied until evaluated. Call after loading; `split_projections` undoes it."""
+        if self.fused:
+            return
+        self.to_qkv = _stack([self.to_q, self.to_k, self.to_v])
+        self.add_qkv_proj = _stack([self.add_q_proj, self.add_k_proj, self.add_v_proj])
+        for name in _SEPARATE:
+            delattr(self, name)
+
+    def split_projections(self) -> None:
+        """The checkpoint's separate to_q/to_k/to_v and add_{q,k,v}_proj again (row slices of the fused ones)."""
+        if not self.fused:
+            return
+        for fused, names in (("to_qkv", _SEPARATE[:3]), ("add_qkv_proj", _SEPARATE[3:])):
+            for name, part in zip(names, _unstack(self[fused], 3)):
+                setattr(self, name, part)
+            delattr(self, fused)
+
+    def _projections(self, img, txt):
+        """((q, k, v) of the image, (q, k, v) of the text), each (B, S, inner)."""
+        if self.fused:
+            return mx.split(self.to_qkv(img), 3, axis=-1), mx.split(self.add_qkv_proj(txt), 3, axis=-1)
+        return (
+            (self.to_q(img), self.to_k(img), self.to_v(img)),
+            (self.add_q_proj(txt), self.add_k_proj(txt), self.add_v_proj(txt)),
+        )
+
     def __call__(self, img: mx.array, txt: mx.array, rope, mask: mx.array | None = None):
         """img (B, N, D), txt (B, L, D); rope = (cos, sin) of (L + N, head_dim/2); mask (B,1,1,L+N) or None."""
         B, N, _ = img.shape
@@ -59,33 +96,17 @@ class JointAttention(nn.Module):
             return x.reshape(B, S, H, -1)  # (B, S, H, Dh)
 
         sw = self.switches
+        (qi, ki, vi), (qt, kt, vt) = self._projections(img, txt)
         if sw.qk_kernel and sw.fast_rms_norm and sw.fused_modulation and _backend() is not None:
-            q = qk_norm_rope(
-                heads(self.add_q_proj(txt), L),
-                heads(self.to_q(img), N),
-                self.norm_added_q.weight,
-                self.norm_q.weight,
-                *rope,
-                self.norm_q.eps,
-            )
-            k = qk_norm_rope(
-                heads(self.add_k_proj(txt), L),
-                heads(self.to_k(img), N),
-                self.norm_added_k.weight,
-                self.norm_k.weight,
-                *rope,
-                self.norm_k.eps,
-            )
+            eps = self.norm_q.eps
+            q = qk_norm_rope(heads(qt, L), heads(qi, N), self.norm_added_q.weight, self.norm_q.weight, *rope, eps)
+            k = qk_norm_rope(heads(kt, L), heads(ki, N), self.norm_added_k.weight, self.norm_k.weight, *rope, eps)
         else:
-            q = mx.concatenate(
-                [self.norm_added_q(heads(self.add_q_proj(txt), L)), self.norm_q(heads(self.to_q(img), N))], 1
-            )
-            k = mx.concatenate(
-                [self.norm_added_k(heads(self.add_k_proj(txt), L)), self.norm_k(heads(self.to_k(img), N))], 1
-            )
+            q = mx.concatenate([self.norm_added_q(heads(qt, L)), self.norm_q(heads(qi, N))], 1)
+            k = mx.concatenate([self.norm_added_k(heads(kt, L)), self.norm_k(heads(ki, N))], 1)
             rotate = apply_rope_fused if sw.fused_modulation else apply_rope
             q, k = rotate(q, *rope), rotate(k, *rope)
-        v = mx.concatenate([heads(self.add_v_proj(txt), L), heads(self.to_v(img), N)], 1)
+        v = mx.concatenate([heads(vt, L), heads(vi, N)], 1)
 
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L+N, Dh)
         if self.switches.fast_attention:
@@ -94,3 +115,28 @@ class JointAttention(nn.Module):
             o = attention(q, k, v, self.scale, mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, L + N, -1)
         return self.to_out[0](o[:, L:]), self.to_add_out(o[:, :L])
+
+
+_SEPARATE = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def _stack(linears: list) -> nn.Module:
+    """One linear (plain or quantized) whose output rows are those of `linears`, in order."""
+    fused = copy.copy(linears[0])
+    for name, value in linears[0].items():
+        if isinstance(value, mx.array):
+            fused[name] = mx.concatenate([lin[name] for lin in linears], axis=0)
+    return fused
+
+
+def _unstack(fused: nn.Module, parts: int) -> list:
+    """The inverse of `_stack`: `parts` linears of equal width."""
+    out = []
+    for i in range(parts):
+        lin = copy.copy(fused)
+        for name, value in fused.items():
+            if isinstance(value, mx.array):
+                n = value.shape[0] // parts
+                lin[name] = value[i * n : (i + 1) * n]
+        out.append(lin)
+    return out

@@ -30,7 +30,7 @@ from .scheduler import FlowMatchEulerScheduler, SchedulerConfig, cfg_combine, pa
 from .switches import Switches
 from .text_encoder import DROP_IDX, MAX_TOKENS, PROMPT_TEMPLATE, QwenTextEncoder, TextEncoderConfig, encode_prompt
 from .tokenizer import QwenTokenizer
-from .transformer import QwenImageTransformer, TransformerConfig
+from .transformer import QwenImageTransformer, TransformerConfig, step_modulations
 from .vae import load_vae, postprocess
 
 # The model card's recommended sizes, (width, height).
@@ -158,6 +158,8 @@ class QwenImagePipeline:
         self._transformer = None
         self._text_encoder = None
         self._vae = None
+        self._schedule: tuple | None = None  # (key, modulations of every step) of the last schedule
+        self._rebuildable = False  # from_components got a function that builds the transformer again
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -242,7 +244,7 @@ class QwenImagePipeline:
             name: (m if callable(m) and not isinstance(m, nn.Module) else (lambda m=m: m))
             for name, m in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae))
         }
-        return cls(
+        pipe = cls(
             tokenizer,
             scheduler_config,
             builders=builders,
@@ -252,6 +254,8 @@ class QwenImagePipeline:
             check_memory=False,
             **options,
         )
+        pipe._rebuildable = callable(transformer) and not isinstance(transformer, nn.Module)
+        return pipe
 
     def load_transformer(self) -> QwenImageTransformer:
         """The transformer, built and loaded lazily (and quantized, still lazily): nothing is read yet."""
@@ -259,6 +263,8 @@ class QwenImagePipeline:
             model = self._builders["transformer"]()
             if self.quantize and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
                 self.quantization = quantize_transformer(model, self.quantize)
+            if self.switches.fused_qkv:
+                model.fuse_projections()
             return model
         folder = self.folder / "transformer"
         raw = read_config(folder)
@@ -274,6 +280,8 @@ class QwenImagePipeline:
         load_strict(model, read_weights(folder, self.dtype), "transformer")
         if self.quantize and not stored:
             self.quantization = quantize_transformer(model, self.quantize)
+        if self.switches.fused_qkv:
+            model.fuse_projections()  # after loading, which is strict on the checkpoint's separate names
         if self.quantization and self.quantization.skipped and self.verbose:
             print(
                 f"note: {len(self.quantization.skipped)} linear(s) kept in full precision (input width not a "
@@ -323,6 +331,59 @@ class QwenImagePipeline:
     def materialize_transformer(self) -> None:
         """Read (and quantize) the transformer's weights now, block by block so the peak stays near their size."""
         materialize(self.transformer)
+
+    # ------------------------------------------------------------------ modulation over a schedule
+    def _can_release_modulation(self) -> bool:
+        """The modulation weights may be dropped when they can be read again: from the checkpoint, or from a
+        builder function. Quantized transformers keep theirs (8-bit, and re-quantizing on reload is not exact)."""
+        return (
+            self.switches.schedule_modulation and not self.quantize and (self.folder is not None or self._rebuildable)
+        )
+
+    def _restore_modulation(self, model: QwenImageTransformer) -> None:
+        names = model.modulation_names()
+        if self.folder is not None:
+            wanted = set(names)
+            weights = read_weights(self.folder / "transformer", self.dtype, keep=wanted.__contains__)
+        else:
+            fresh = dict(tree_flatten(self._builders["transformer"]().parameters()))
+            weights = {k: fresh[k] for k in names}
+        model.restore_modulation(weights)
+
+    def schedule_modulations(self, timesteps):
+        """Every step's modulation (shift/scale/gate of every block, and the output norm's) for one schedule,
+        computed up front in one batch of sigmas, block by block; then, when they can be read again, the
+        modulation weights are released, so they are never resident with the rest of the transformer. The last
+        schedule is kept: the next generation with the same steps and size costs nothing here."""
+        key = (tuple(float(t) for t in timesteps), str(self.dtype))
+        model = self.transformer
+        release = self._can_release_modulation()
+        if self._schedule is not None and self._schedule[0] == key:
+            if release and not model.modulation_released:
+                model.release_modulation()  # a transformer built again (sequenced): its weights were never read
+            return self._schedule[1]
+        self._schedule = None
+        if model.modulation_released:
+            self._restore_modulation(model)
+        # diffusers: timestep = t.to(latents.dtype) / 1000, so sigma is rounded through 1000*sigma in the dtype
+        sigmas = mx.array([float(t) for t in timesteps], dtype=mx.float32).astype(self.dtype) / 1000
+        temb = model.time_text_embed(sigmas, self.dtype)
+        mx.eval(temb)
+        blocks = []
+        for i, block in enumerate(model.transformer_blocks):
+            mods = block.modulation(temb)
+            mx.eval(mods)  # reads this block's modulation weights only
+            blocks.append(mods)
+            if release:
+                model.release_modulation([i])
+        out = model.norm_out.modulation(temb)
+        mx.eval(out)
+        if release:
+            model.release_modulation()
+            gc.collect()
+            mx.clear_cache()
+        self._schedule = (key, (blocks, out))
+        return self._schedule[1]
 
     # ------------------------------------------------------------------ text
     def _key(self, text: str):
@@ -400,17 +461,34 @@ class QwenImagePipeline:
             )
         return z.astype(self.dtype)
 
+    def timesteps(self, steps: int, grid: tuple[int, int]) -> list:
+        return FlowMatchEulerScheduler(self.scheduler_config).set_timesteps(steps, grid[0] * grid[1])
+
     def denoise(self, latents: mx.array, cond, uncond, cfg_scale: float, steps: int, grid: tuple[int, int]):
-        """The sampling loop as a generator: yields the packed latents (1, N, 64) after each step, unevaluated."""
+        """The sampling loop as a generator: yields the packed latents (1, N, 64) after each step, unevaluated.
+
+        With the `batched_cfg` switch the conditional and unconditional passes are one batch of two (the shorter
+        text padded and masked); with `schedule_modulation` every step's modulation is computed before the loop."""
         scheduler = FlowMatchEulerScheduler(self.scheduler_config)
         timesteps = scheduler.set_timesteps(steps, grid[0] * grid[1])
+        model = self.transformer
+        table = self.schedule_modulations(timesteps) if self.switches.schedule_modulation else None
+        if table is None and model.modulation_released:
+            self._restore_modulation(model)
+        batched = uncond is not None and self.switches.batched_cfg
+        if batched:
+            text, mask = batch_texts(cond, uncond)
         x = latents
         for i, t in enumerate(timesteps):
-            # diffusers: timestep = t.to(latents.dtype) / 1000, so sigma is rounded through 1000*sigma in the dtype
             sigma = mx.array([float(t)], dtype=mx.float32).astype(x.dtype) / 1000
-            v = self.transformer(x, cond[0], sigma, grid, cond[1])
-            if uncond is not None:
-                v = cfg_combine(v, self.transformer(x, uncond[0], sigma, grid, uncond[1]), cfg_scale)
+            mods = None if table is None else step_modulations(table, i)
+            if batched:
+                v = model(mx.concatenate([x, x]), text, sigma, grid, mask, mods=mods)
+                v = cfg_combine(v[:1], v[1:], cfg_scale)
+            else:
+                v = model(x, cond[0], sigma, grid, cond[1], mods=mods)
+                if uncond is not None:
+                    v = cfg_combine(v, model(x, uncond[0], sigma, grid, uncond[1], mods=mods), cfg_scale)
             x = scheduler.step(v, i, x)
             yield x
 
@@ -485,12 +563,14 @@ class QwenImagePipeline:
 
         cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats)
 
+        grid = (height // MULTIPLE, width // MULTIPLE)
         t = time.perf_counter()
+        if self.switches.schedule_modulation:  # before the rest is read: the modulation weights are then released
+            self.schedule_modulations(self.timesteps(steps, grid))
         self.materialize_transformer()
         stats.load_s += time.perf_counter() - t
         stats.stage_peaks_gb["weights"] = mx.get_peak_memory() / 1e9
 
-        grid = (height // MULTIPLE, width // MULTIPLE)
         x = pack_latents(noise)
         if preview is not None:
             from . import preview as previews
@@ -569,8 +649,32 @@ class QwenImagePipeline:
             self.transformer  # noqa: B018 (built so that self.quantization is known)
             config["quantization"] = self.quantization.to_config()
         (tdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _save_sharded(dict(tree_flatten(self.transformer.parameters())), tdir, max_shard_size)
+        model = self.transformer
+        if model.modulation_released:
+            self._restore_modulation(model)
+            self._schedule = None
+        _save_sharded(model.diffusers_weights(), tdir, max_shard_size)
         return out
+
+
+def batch_texts(cond, uncond):
+    """Two (embeds (1, L, D), mask or None) as one batch (2, L, D) with a (2, L) mask: the shorter padded with
+    zeros that the mask hides (None when both are full and of one length)."""
+    (a, ma), (b, mb) = cond, uncond
+    L = max(a.shape[1], b.shape[1])
+    if a.shape[1] == b.shape[1] and ma is None and mb is None:
+        return mx.concatenate([a, b]), None
+
+    def pad(e, m):
+        n = e.shape[1]
+        m = mx.ones((1, n), mx.int32) if m is None else m.astype(mx.int32)
+        if n < L:
+            e = mx.concatenate([e, mx.zeros((1, L - n, e.shape[2]), e.dtype)], axis=1)
+            m = mx.concatenate([m, mx.zeros((1, L - n), mx.int32)], axis=1)
+        return e, m
+
+    (a, ma), (b, mb) = pad(a, ma), pad(b, mb)
+    return mx.concatenate([a, b]), mx.concatenate([ma, mb])
 
 
 def materialize(module) -> None:

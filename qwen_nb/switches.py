@@ -17,6 +17,12 @@ class Switches:
     fast_gelu: bool = True  # the tanh GELU as one compiled kernel, not a chain of elementwise ops
     fast_layer_norm: bool = True  # mx.fast.layer_norm without weights, not mean/var written out
     fused_modulation: bool = True  # LayerNorm+scale+shift, gate+residual and RoPE as fused kernels
+    fused_qkv: bool = True  # q, k, v as one matmul per stream (`model.fuse_projections()`), not three
+    # Pipeline-level: CFG's two passes as one batch of two (text padded and masked to one length), and the
+    # modulation of every step computed up front, after which the modulation weights (6.8B parameters, a third
+    # of the transformer) are released and read again only for another schedule.
+    batched_cfg: bool = True
+    schedule_modulation: bool = True
     # QK RMSNorm + concat + RoPE as one hand-written GPU kernel (CUDA, Metal). Off: on an H100 it saved 25% of
     # that step alone but nothing measurable in a whole forward (0.0862 s either way, 30 blocks at 1024x1024).
     qk_kernel: bool = False

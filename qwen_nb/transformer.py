@@ -11,6 +11,7 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .attention import JointAttention, joint_key_mask
 from .rmsnorm import RMSNorm
@@ -198,6 +199,19 @@ class AdaLayerNormContinuous(nn.Module):
         return (modulate_fused if sw.fused_modulation else modulate)(x, shift, scale)
 
 
+_FUSED_NAMES = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def _is_modulation(name: str) -> bool:
+    return ".img_mod." in name or ".txt_mod." in name or name.startswith(("norm_out.linear.", "time_text_embed."))
+
+
+def step_modulations(mods, i: int):
+    """Step i's modulations (batch 1) out of `modulations(sigmas)` computed for a whole schedule."""
+    blocks, out = mods
+    return [(a[i : i + 1], t[i : i + 1]) for a, t in blocks], out[i : i + 1]
+
+
 class QwenImageTransformer(nn.Module):
     def __init__(self, config: TransformerConfig | None = None, switches: Switches | None = None):
         super().__init__()
@@ -213,15 +227,93 @@ class QwenImageTransformer(nn.Module):
         self.proj_out = nn.Linear(D, config.patch_size**2 * config.out_channels)
 
     def set_switches(self, switches: Switches) -> None:
-        """Apply a set of switches to this model and every module in it."""
+        """Apply a set of switches to this model and every module in it (fusing or splitting q/k/v to match)."""
         for _, m in self.named_modules():
             if hasattr(m, "switches"):
                 m.switches = switches
+        if switches.fused_qkv:
+            self.fuse_projections()
+        else:
+            self.split_projections()
+
+    # ---------------------------------------------------------------- structure changes after loading
+    def fuse_projections(self) -> None:
+        """q, k, v of each stream as one linear in every block (see `JointAttention.fuse_projections`). Call after
+        loading: the checkpoint's names are the separate ones, and `diffusers_weights` gives them back."""
+        for block in self.transformer_blocks:
+            block.attn.fuse_projections()
+
+    def split_projections(self) -> None:
+        for block in self.transformer_blocks:
+            block.attn.split_projections()
+
+    @property
+    def modulation_released(self) -> bool:
+        return "time_text_embed" not in self
+
+    def release_modulation(self, blocks=None) -> None:
+        """Drop the timestep embedder and the modulation linears (img_mod, txt_mod, norm_out.linear: 6.8B of the
+        real model's 20.4B parameters). Afterwards the model runs only with `mods=` precomputed (see
+        `modulations`); `restore_modulation` puts weights back. `blocks` limits it to some block indices."""
+        for i in range(len(self.transformer_blocks)) if blocks is None else blocks:
+            b = self.transformer_blocks[i]
+            b.img_mod, b.txt_mod = [], []
+        if blocks is None:
+            self.norm_out.linear = None
+            delattr(self.norm_out, "linear")
+            delattr(self, "time_text_embed")
+
+    def modulation_names(self) -> list[str]:
+        """The checkpoint names of the weights `release_modulation` drops."""
+        names = [
+            f"transformer_blocks.{i}.{m}.1.{p}"
+            for i in range(self.config.num_layers)
+            for m in ("img_mod", "txt_mod")
+            for p in ("weight", "bias")
+        ]
+        embedder = QwenTimestepProjEmbeddings(self.config.dim, switches=self.switches)
+        names += [f"time_text_embed.{k}" for k, _ in tree_flatten(embedder.parameters())]
+        return names + ["norm_out.linear.weight", "norm_out.linear.bias"]
+
+    def restore_modulation(self, weights: dict) -> None:
+        """Put the modulation weights back (checkpoint names, e.g. from `read_weights(..., keep=...)`); strict."""
+        D = self.config.dim
+        for b in self.transformer_blocks:
+            b.img_mod = [nn.SiLU(), nn.Linear(D, 6 * D)]
+            b.txt_mod = [nn.SiLU(), nn.Linear(D, 6 * D)]
+        self.norm_out.linear = nn.Linear(D, 2 * D)
+        self.time_text_embed = QwenTimestepProjEmbeddings(D, switches=self.switches)
+        names = set(self.modulation_names())
+        if set(weights) != names:
+            missing, extra = sorted(names - set(weights)), sorted(set(weights) - names)
+            raise ValueError(f"restore_modulation: missing {missing[:4]}, unexpected {extra[:4]}")
+        dtype = self.img_in.weight.dtype
+        self.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=False)
+
+    def diffusers_weights(self) -> dict:
+        """The parameters under the checkpoint's (diffusers') names: fused q/k/v split back into three."""
+        out = {}
+        for k, v in tree_flatten(self.parameters()):
+            for fused, names in _FUSED_NAMES.items():
+                if f".{fused}." in k:
+                    n = v.shape[0] // 3
+                    for i, name in enumerate(names):
+                        out[k.replace(f".{fused}.", f".{name}.")] = v[i * n : (i + 1) * n]
+                    break
+            else:
+                out[k] = v
+        return out
 
     def modulations(self, sigma: mx.array, dtype: mx.Dtype | None = None):
         """All modulation parameters for one sigma (B,): ([(img_mod, txt_mod)] per block, out_mod).
 
-        They depend on sigma alone, so they can be computed once for a whole schedule and reused."""
+        They depend on sigma alone, so they can be computed once for a whole schedule and reused: with S sigmas
+        the arrays hold one row per sigma and `step_modulations(mods, i)` picks step i."""
+        if self.modulation_released:
+            raise ValueError(
+                "this transformer's modulation weights were released (release_modulation): pass mods= computed "
+                "before, or put them back with restore_modulation"
+            )
         dtype = dtype or self.img_in.weight.dtype
         temb = self.time_text_embed(sigma.astype(dtype), dtype)
         return [b.modulation(temb) for b in self.transformer_blocks], self.norm_out.modulation(temb)

@@ -14,8 +14,9 @@ from mlx.utils import tree_flatten
 import qwen_nb.memory as memory
 import qwen_nb.pipeline as pipeline_module
 from qwen_nb.memory import MemoryPlanError, plan_memory
-from qwen_nb.pipeline import GenerationInterrupted, QwenImagePipeline
+from qwen_nb.pipeline import GenerationInterrupted, QwenImagePipeline, batch_texts
 from qwen_nb.quantize import quantize_transformer
+from qwen_nb.switches import Switches
 from qwen_nb.transformer import QwenImageTransformer, TransformerConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tiny_pipeline"
@@ -64,6 +65,55 @@ def test_parity_with_diffusers(pipe, name):
     diff = pixel_diff(image, name)
     print(f"{name}: max pixel difference {diff}/255")
     assert diff <= 2
+
+
+PIPELINE_SWITCHES = {
+    "baseline": Switches.baseline(),
+    "no_batched_cfg": Switches().only(batched_cfg=False),
+    "no_schedule_modulation": Switches().only(schedule_modulation=False),
+    "no_fused_qkv": Switches().only(fused_qkv=False),
+}
+
+
+@pytest.mark.parametrize("setting", list(PIPELINE_SWITCHES))
+def test_pipeline_switches_keep_diffusers_parity(setting):
+    """Every pipeline-level technique off (and everything off) gives diffusers' latents within 1e-5 too: CFG as
+    two passes or one padded batch (the two prompts have different lengths), modulation per step or up front."""
+    pipe = load(switches=PIPELINE_SWITCHES[setting])
+    for name in ("square_cfg", "wide_long_negative"):  # negative shorter, then longer than the prompt
+        steps = []
+        image = run_case(pipe, name, callback=lambda i, x, steps=steps: steps.append(np.array(x[0])))
+        np.testing.assert_allclose(np.stack(steps), np.array(GOLDENS[f"{name}.latents"]), rtol=1e-5, atol=1e-5)
+        assert pixel_diff(image, name) <= 2
+
+
+def test_modulation_weights_released_after_scheduling_and_read_again():
+    """With `schedule_modulation`, a generation computes every step's modulation first and drops the weights
+    (a third of the real transformer); another schedule reads them back from the checkpoint, exactly."""
+    pipe = load()
+    assert CASES["square_cfg"]["steps"] != CASES["cjk_emoji_single"]["steps"] or (
+        CASES["square_cfg"]["height"] != CASES["cjk_emoji_single"]["height"]
+    )
+    full = {k for k, _ in tree_flatten(pipe.load_transformer().parameters())}
+    for name in ("square_cfg", "cjk_emoji_single", "square_cfg"):  # schedules differ: released, read, released
+        assert pixel_diff(run_case(pipe, name), name) <= 2
+        model = pipe.transformer
+        assert model.modulation_released
+        held = {k for k, _ in tree_flatten(model.parameters())}
+        assert held == full - set(model.modulation_names())
+        assert not any(".img_mod." in k or ".txt_mod." in k or k.startswith("time_text_embed") for k in held)
+    quantized = load(quantize=8)
+    run_case(quantized, "square_cfg")
+    assert not quantized.transformer.modulation_released  # 8-bit modulation stays: re-quantizing is not exact
+
+
+def test_batch_texts_pads_and_masks():
+    a, b = mx.ones((1, 5, 3)), 2 * mx.ones((1, 2, 3))
+    text, mask = batch_texts((a, None), (b, None))
+    assert text.shape == (2, 5, 3) and mask.tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
+    assert text[1, 2:].abs().max().item() == 0 and text[1, :2].min().item() == 2
+    text, mask = batch_texts((a, None), (a, None))
+    assert text.shape == (2, 5, 3) and mask is None
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -187,6 +237,8 @@ def count_layers(model):
 def test_quantize_every_linear_modulation_at_8_bits(bits):
     pipe = load(quantize=bits)
     t = pipe.transformer
+    assert count_layers(t)[0] == 2 * 10 + 6  # q, k, v fused: one quantized linear per stream instead of three
+    t.split_projections()  # counted as the checkpoint has them
     q, plain = count_layers(t)
     assert plain == 0 and q == pipe.quantization.quantized and not pipe.quantization.skipped
     assert q == 2 * 14 + 6  # per block 2 modulation + 8 attention + 4 MLP; img_in, txt_in, 2 time, norm_out, proj_out
@@ -403,18 +455,31 @@ def test_bf16_sigma_is_rounded_as_diffusers_rounds_it():
     seen = []
 
     class Spy:
-        def parameters(self):
-            return real.parameters()
+        def __getattr__(self, name):
+            return getattr(real, name)
 
-        def __call__(self, x, text, sigma, grid, mask=None):
+        def __call__(self, x, text, sigma, grid, mask=None, **kw):
             seen.append(np.array(sigma.astype(mx.float32)))
             assert sigma.dtype == mx.bfloat16
-            return real(x, text, sigma, grid, mask)
+            return real(x, text, sigma, grid, mask, **kw)
 
+    scheduled = []  # the sigmas the whole schedule's modulation is computed from, all steps at once
+
+    class SpyEmbedder(nn.Module):  # a module, so the transformer still holds a timestep embedder
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, sigma, dtype):
+            scheduled.append(np.array(sigma.astype(mx.float32)))
+            return self.inner(sigma, dtype)
+
+    real.time_text_embed = SpyEmbedder(real.time_text_embed)
     pipe._transformer = Spy()
     image = pipe.generate("a fox", None, 64, 64, steps=5, seed=0, progress=False)
     t = flow_match_sigmas(5, 16)[:-1] * np.float32(1000)
     expected = bf16_round(bf16_round(t) / np.float32(1000))
     np.testing.assert_array_equal(np.concatenate(seen), expected)
+    np.testing.assert_array_equal(np.concatenate(scheduled), expected)
     assert not np.array_equal(expected, bf16_round(t / np.float32(1000)))  # the two roundings differ here
     assert np.asarray(image).std() > 10  # a bfloat16 run gives an image, not a flat or NaN one

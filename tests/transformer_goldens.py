@@ -26,6 +26,7 @@ def tiny_model(tag: str, switches: Switches | None = None, dtype=mx.float32):
     weights, info = load(f"transformer_{tag}_weights")
     model = QwenImageTransformer(TransformerConfig(**info["config"]), switches)
     model.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=True)
+    model.set_switches(model.switches)  # structure follows the switches after loading: q/k/v fused by default
     golden, golden_info = load(f"transformer_{tag}")
     return model, golden, tuple(golden_info["grid"])
 
