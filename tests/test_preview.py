@@ -175,3 +175,50 @@ def test_keyboard_interrupt_in_preview_stops_cleanly(pipe):
     assert e.value.latents.shape == (1, 16, 64)
     assert pipe.last_stats.interrupted_at == 2
     assert pipe.generate(PROMPT, height=64, width=64, steps=2, seed=2, progress=False).size == (64, 64)
+
+
+# ---------------------------------------------------------------------------------------------- the panel
+def test_panel_generates_what_generate_makes(pipe):
+    from qwen_nb.panel import SMALL_SIZES, Panel, sizes_for
+
+    assert sizes_for(pipe) == SMALL_SIZES  # a tiny transformer: its own small size, not the model card's
+    p = Panel(pipe, prompt=PROMPT, steps=4, seed=9)
+    image = p.generate_now()
+    assert p.done.is_set() and p.error is None
+    expect = pipe.generate(PROMPT, " ", 64, 64, steps=4, cfg_scale=4.0, seed=9, progress=False)
+    assert np.array_equal(np.asarray(image), np.asarray(expect))
+    assert p.final.value[:8] == b"\x89PNG\r\n\x1a\n" and p.preview.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Generation 1 (seed 9): 4 steps at" in p.status.value and "peak memory" in p.status.value
+    assert not p.generate_button.disabled and p.stop_button.disabled
+    old = p.seed.value
+    assert p.roll() == p.seed.value and 0 <= p.seed.value < 2**31 and p.seed.value != old
+
+
+def test_panel_runs_in_a_thread_and_stop_interrupts_it(pipe):
+    from qwen_nb.panel import Panel
+
+    p = Panel(pipe, prompt=PROMPT, steps=50, seed=1)
+
+    def press_stop(change):  # as soon as the first preview shows
+        p.stop()
+
+    p.preview.observe(press_stop, names="value")
+    thread = p.start()
+    assert thread is not None and p.start() is None  # one generation at a time
+    assert p.wait(60)
+    thread.join(10)
+    assert isinstance(p.error, GenerationInterrupted)
+    assert p.error.step == 2  # the flag is seen by the next step's callback
+    assert "stopped after step 2 of 50" in p.status.value
+    assert p.image is None and not p.generate_button.disabled
+    p.preview.unobserve(press_stop, names="value")
+    p.steps.value = 2
+    assert p.generate_now() is not None  # the pipeline is usable again
+
+
+def test_panel_shows_errors_instead_of_losing_them(pipe):
+    from qwen_nb.panel import Panel
+
+    p = Panel(pipe, prompt=PROMPT, steps=2, sizes={"bad": (60, 64)})
+    assert p.generate_now() is None
+    assert isinstance(p.error, ValueError) and "multiple of 16" in p.status.value and p.done.is_set()

@@ -1,0 +1,225 @@
+"""An ipywidgets panel for `QwenImagePipeline.generate`: prompt, negative prompt, steps, CFG, seed (with a dice),
+size preset, Generate and Stop; it shows the live preview, the final image, the time per step and the peak memory.
+
+`panel(pipe)` builds and displays one. Generate runs in a background thread so the notebook stays responsive and
+Stop works: Stop sets a flag that the step callback checks, raising KeyboardInterrupt there, which `generate`
+turns into GenerationInterrupted after the current step. `generate_now()` runs the same thing synchronously (for
+scripts, tests and notebook cells that must finish before the next one); `done` is set whenever no generation runs.
+"""
+
+import io
+import os
+import threading
+import time
+
+from .pipeline import ASPECTS, GenerationInterrupted
+from .transformer import TransformerConfig
+
+DISPLAY_PX = 256  # the side the images are shown at
+SMALL_SIZES = {"1:1 64x64": (64, 64)}  # what the embedded demo model was trained at
+
+
+def sizes_for(pipe) -> dict[str, tuple[int, int]]:
+    """Size presets {label: (width, height)}: the model card's for the real transformer, else the small model's."""
+    if pipe.folder is not None:
+        from .loading import read_config
+
+        config = TransformerConfig.from_dict(read_config(pipe.folder / "transformer"))
+    else:
+        config = pipe.transformer.config
+    if config.dim == TransformerConfig().dim:
+        return {f"{k} {w}x{h}": (w, h) for k, (w, h) in ASPECTS.items()}
+    return dict(SMALL_SIZES)
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") >> 1  # 31 bits: fits an IntText and every seed field
+
+
+class Panel:
+    """The widgets around one pipeline. Display it (`display(panel)`, or the last line of a cell)."""
+
+    def __init__(
+        self,
+        pipe,
+        prompt: str = "a red circle at the top left on a blue background",
+        negative_prompt: str = " ",
+        steps: int = 20,
+        cfg_scale: float = 4.0,
+        seed: int = 42,
+        sizes: dict | None = None,
+        preview_every: int = 1,
+    ):
+        import ipywidgets as w
+
+        self.pipe = pipe
+        self.preview_every = preview_every
+        self.sizes = sizes or sizes_for(pipe)
+        self.image = None  # the last finished image (PIL)
+        self.error: BaseException | None = None  # what stopped the last generation, if anything
+        self.runs = 0
+        self.done = threading.Event()
+        self.done.set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+        full = w.Layout(width="100%")
+        self.prompt = w.Textarea(value=prompt, description="Prompt", rows=2, layout=full)
+        self.negative = w.Text(value=negative_prompt, description="Negative", layout=full)
+        self.steps = w.IntSlider(value=steps, min=1, max=100, description="Steps")
+        self.cfg = w.FloatSlider(value=cfg_scale, min=0.0, max=10.0, step=0.5, description="CFG")
+        self.seed = w.IntText(value=seed, description="Seed", layout=w.Layout(width="220px"))
+        self.dice = w.Button(description="🎲", tooltip="draw a random seed", layout=w.Layout(width="48px"))
+        self.size = w.Dropdown(options=list(self.sizes), description="Size")
+        self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
+        self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
+        shown = {"width": f"{DISPLAY_PX}px", "height": f"{DISPLAY_PX}px"}
+        self.preview = w.Image(format="png", layout=w.Layout(**shown, border="1px solid #ccc"))
+        self.final = w.Image(format="png", layout=w.Layout(**shown, border="1px solid #ccc"))
+        self.status = w.HTML(value="ready")
+        for widget, name in [
+            (self.generate_button, "generate"),
+            (self.stop_button, "stop"),
+            (self.dice, "dice"),
+            (self.preview, "preview"),
+            (self.final, "final"),
+            (self.status, "status"),
+        ]:
+            widget.add_class(f"qwen-nb-{name}")  # stable hooks for the browser test
+
+        self.dice.on_click(lambda _: self.roll())
+        self.generate_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        caption = {"font_size": "12px"}
+        self.widget = w.VBox(
+            [
+                self.prompt,
+                self.negative,
+                w.HBox([self.steps, self.cfg]),
+                w.HBox([self.seed, self.dice, self.size]),
+                w.HBox([self.generate_button, self.stop_button]),
+                w.HBox(
+                    [
+                        w.VBox(
+                            [w.HTML("<b>preview</b> (the guess of the final picture)", style=caption), self.preview]
+                        ),
+                        w.VBox([w.HTML("<b>image</b>", style=caption), self.final]),
+                    ]
+                ),
+                self.status,
+            ]
+        )
+        self.widget.add_class("qwen-nb-panel")
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    # ------------------------------------------------------------------ actions
+    def roll(self) -> int:
+        """The dice: a new random seed in the seed box."""
+        self.seed.value = random_seed()
+        return self.seed.value
+
+    def params(self) -> dict:
+        """generate()'s arguments as the widgets hold them now."""
+        width, height = self.sizes[self.size.value]
+        return dict(
+            prompt=self.prompt.value,
+            negative_prompt=self.negative.value,
+            height=height,
+            width=width,
+            steps=int(self.steps.value),
+            cfg_scale=float(self.cfg.value),
+            seed=int(self.seed.value),
+        )
+
+    def start(self) -> threading.Thread | None:
+        """Generate in a background thread (what the button does); None if a generation is already running."""
+        if not self.done.is_set():
+            return None
+        self._begin()
+        self._thread = threading.Thread(target=self._run, args=(self.params(),), daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def generate_now(self):
+        """Generate in this thread and return the image (None when stopped or failed: see `error`)."""
+        if not self.done.is_set():
+            raise RuntimeError("a generation is running: wait for panel.done, or press Stop")
+        self._begin()
+        self._run(self.params())
+        return self.image
+
+    def stop(self) -> None:
+        """Ask the running generation to stop after its current step."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no generation runs; False on timeout."""
+        return self.done.wait(timeout)
+
+    # ------------------------------------------------------------------ the run
+    def _begin(self) -> None:
+        self.done.clear()
+        self._stop.clear()
+        self.error = None
+        self.runs += 1
+        self.generate_button.disabled = True
+        self.stop_button.disabled = False
+
+    def _run(self, params: dict) -> None:
+        start = time.perf_counter()
+        steps = params["steps"]
+        self.status.value = f"Generation {self.runs} (seed {params['seed']}): starting"
+
+        def on_step(step, latents):
+            if self._stop.is_set():
+                raise KeyboardInterrupt
+            per_step = (time.perf_counter() - start) / (step + 1)
+            self.status.value = (
+                f"Generation {self.runs} (seed {params['seed']}): step {step + 1}/{steps}, {per_step:.3f} s/step so far"
+            )
+
+        def on_preview(step, image):
+            self.preview.value = png_bytes(image)
+
+        try:
+            image = self.pipe.generate(
+                **params, callback=on_step, preview=on_preview, preview_every=self.preview_every, progress=False
+            )
+        except GenerationInterrupted as e:
+            self.error = e
+            self.status.value = f"Generation {self.runs}: stopped after step {e.step} of {e.steps}"
+        except Exception as e:  # shown in the panel: a thread's exception would otherwise vanish
+            self.error = e
+            self.status.value = f"<span style='color:#b00'>Generation {self.runs} failed: {_escape(str(e))}</span>"
+        else:
+            self.image = image
+            self.final.value = png_bytes(image)
+            self.status.value = f"Generation {self.runs} (seed {params['seed']}): {self.pipe.last_stats}"
+        finally:
+            self.generate_button.disabled = False
+            self.stop_button.disabled = True
+            self.done.set()
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def panel(pipe, **options) -> Panel:
+    """Build a Panel for `pipe` and display it (in a notebook); returns it."""
+    from IPython.display import display
+
+    p = Panel(pipe, **options)
+    display(p)
+    return p
+
+
+__all__ = ["Panel", "panel", "sizes_for"]
