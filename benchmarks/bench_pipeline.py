@@ -330,7 +330,10 @@ def main():
         weights="random, " + ("tiny configs" if a.tiny else "full-size configs (20B transformer, 7B text encoder)"),
         tokenizer="tests/fixtures/tiny_tokenizer (no real vocabulary can be downloaded here)",
     )
-    out_dir = Path(tempfile.mkdtemp(prefix="bench_pipeline_")) if a.tiny else ROOT / "assets" / "bench"
+    if os.environ.get("QWEN_NB_BENCH_OUT"):
+        out_dir = Path(os.environ["QWEN_NB_BENCH_OUT"])
+    else:
+        out_dir = Path(tempfile.mkdtemp(prefix="bench_pipeline_")) if a.tiny else ROOT / "assets" / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "pipeline_tiny" if a.tiny else "pipeline"
     images = out_dir / f"{name}_images"
