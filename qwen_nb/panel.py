@@ -75,7 +75,7 @@ class Panel:
         self.steps = w.IntSlider(value=steps, min=1, max=100, description="Steps")
         self.cfg = w.FloatSlider(value=cfg_scale, min=0.0, max=10.0, step=0.5, description="CFG")
         self.seed = w.IntText(value=seed, description="Seed", layout=w.Layout(width="220px"))
-        self.dice = w.Button(description="🎲", tooltip="draw a random seed", layout=w.Layout(width="48px"))
+        self.dice = w.Button(icon="random", tooltip="dice: draw a random seed", layout=w.Layout(width="48px"))
         self.size = w.Dropdown(options=list(self.sizes), description="Size")
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
