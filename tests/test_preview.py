@@ -222,3 +222,19 @@ def test_panel_shows_errors_instead_of_losing_them(pipe):
     p = Panel(pipe, prompt=PROMPT, steps=2, sizes={"bad": (60, 64)})
     assert p.generate_now() is None
     assert isinstance(p.error, ValueError) and "multiple of 16" in p.status.value and p.done.is_set()
+
+
+def test_cli_writes_a_preview_next_to_the_image(tmp_path, capsys):
+    from qwen_nb.__main__ import main
+
+    out = tmp_path / "circle.png"
+    args = ["generate", "--prompt", PROMPT, "--out", str(out), "--model", str(TINY), "--dtype", "float32"]
+    code = main([*args, "--size", "64x48", "--steps", "3", "--seed", "1", "--quiet", "--preview-every", "2"])
+    assert code == 0, capsys.readouterr().err
+    from PIL import Image
+
+    preview = Image.open(tmp_path / "circle.preview.png")
+    assert preview.size == Image.open(out).size == (64, 48)
+    assert f"previews went to {tmp_path / 'circle.preview.png'}" in capsys.readouterr().out
+    assert main([*args, "--force", "--steps", "2", "--preview-every", "0"]) == 2
+    assert "--preview-every takes a number of steps >= 1" in capsys.readouterr().err
