@@ -133,10 +133,10 @@ def main():
         except Exception as e:  # noqa: BLE001 - a failing policy is recorded, never fatal
             errors[names[key]] = f"{type(e).__name__}: {e}"
             print(f"  {names[key]}: FAILED {errors[names[key]]}", flush=True)
-    ref = np.array(outs["per_step"], np.float32) if "per_step" in outs else None
+    ref = np.array(outs["per_step"].astype(mx.float32)) if "per_step" in outs else None
     diffs = {}
     for key, o in outs.items():
-        o = np.array(o, np.float32)
+        o = np.array(o.astype(mx.float32))
         diffs[names[key]] = float(np.nanmax(np.abs(o - ref))) if ref is not None else None
         print(f"  {names[key]:18s} max|diff to per step| = {diffs[names[key]]:.3g}; "
               f"finite: {bool(np.isfinite(o).all())}", flush=True)  # fmt: skip

@@ -95,8 +95,9 @@ def time_prepared(variants: dict, repeats: int, warmup: int) -> dict:
 
 
 def max_diff(a, b) -> float:
-    a = np.array(mx.concatenate([x.reshape(-1) for x in a]) if isinstance(a, (list, tuple)) else a, np.float32)
-    b = np.array(mx.concatenate([x.reshape(-1) for x in b]) if isinstance(b, (list, tuple)) else b, np.float32)
+    a = mx.concatenate([x.reshape(-1) for x in a]) if isinstance(a, (list, tuple)) else a
+    b = mx.concatenate([x.reshape(-1) for x in b]) if isinstance(b, (list, tuple)) else b
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))  # NumPy has no bfloat16
     return float(np.nanmax(np.abs(a - b))) if a.size else 0.0
 
 

@@ -111,7 +111,7 @@ def chart(report: dict, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("median seconds (lower is better)")
     ax.set_title(f"{report['name']} on {report['device']}, MLX {report['mlx_version']}", fontsize=9)
-    ax.set_xlim(0, max(med) * 1.35)
+    ax.set_xlim(0, max(med, default=1.0) * 1.35)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

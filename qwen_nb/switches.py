@@ -17,6 +17,9 @@ class Switches:
     fast_gelu: bool = True  # the tanh GELU as one compiled kernel, not a chain of elementwise ops
     fast_layer_norm: bool = True  # mx.fast.layer_norm without weights, not mean/var written out
     fused_modulation: bool = True  # LayerNorm+scale+shift, gate+residual and RoPE as fused kernels
+    # each block's whole forward traced once by mx.compile (per shape) and replayed for all 60 blocks with their
+    # own weights: MLX fuses the elementwise chains between the matmuls across the block
+    compiled_blocks: bool = True
     fused_qkv: bool = True  # q, k, v as one matmul per stream (`model.fuse_projections()`), not three
     # Pipeline-level: CFG's two passes as one batch of two (text padded and masked to one length), and the
     # modulation of every step computed up front, after which the modulation weights (6.8B parameters, a third

@@ -206,6 +206,10 @@ def _is_modulation(name: str) -> bool:
     return ".img_mod." in name or ".txt_mod." in name or name.startswith(("norm_out.linear.", "time_text_embed."))
 
 
+def _call_block(block, img, txt, mod, rope, mask):
+    return block(img, txt, mod, rope, mask)
+
+
 def step_modulations(mods, i: int):
     """Step i's modulations (batch 1) out of `modulations(sigmas)` computed for a whole schedule."""
     blocks, out = mods
@@ -235,6 +239,33 @@ class QwenImageTransformer(nn.Module):
             self.fuse_projections()
         else:
             self.split_projections()
+
+    def _compiled_block(self, masked: bool):
+        """block(img, txt, mod, rope, mask) as one compiled function of (the block's weights, inputs).
+
+        Traced once with block 0 as a template whose weights are swapped for the traced inputs (and put back),
+        then replayed for every block with that block's weights: one trace serves all 60. MLX traces again by
+        itself when shapes change (a new image size or text length); a change of switches or of structure
+        (fused q/k/v, quantized) makes a new function."""
+        template = self.transformer_blocks[0]
+        structure = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in tree_flatten(template.parameters())))
+        key = (masked, self.switches, hash(structure))
+        cache = self.__dict__.setdefault("_compiled_blocks", {})  # a plain attribute, not a parameter
+        if key not in cache:
+
+            def run(params, img, txt, mod, rope, *mask):
+                saved = template.parameters()
+                template.update(params)
+                out = template(img, txt, mod, rope, mask[0] if mask else None)
+                template.update(saved)
+                return out
+
+            compiled = mx.compile(run)
+            cache.clear()
+            cache[key] = lambda block, img, txt, mod, rope, mask: compiled(
+                block.parameters(), img, txt, mod, rope, *(() if mask is None else (mask,))
+            )
+        return cache[key]
 
     # ---------------------------------------------------------------- structure changes after loading
     def fuse_projections(self) -> None:
@@ -357,10 +388,11 @@ class QwenImageTransformer(nn.Module):
 
         cached = self.switches.rope_cache
         rope = self.rope(h, w, L) if cached else None
+        run = self._compiled_block(mask is not None) if self.switches.compiled_blocks else _call_block
         for i, block in enumerate(self.transformer_blocks):
             if not cached:  # the seed's baseline: the table rebuilt inside every block
                 rope = build_rope_table(h, w, L, self.config.axes_dims_rope)
-            img, txt = block(img, txt, block_mods[i], rope, mask)
+            img, txt = run(block, img, txt, block_mods[i], rope, mask)
             if block_hook is not None:
                 img, txt = block_hook(i, img, txt) or (img, txt)
         return self.proj_out(self.norm_out(img, out_mod))
