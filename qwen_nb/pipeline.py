@@ -467,15 +467,18 @@ class QwenImagePipeline:
     def denoise(self, latents: mx.array, cond, uncond, cfg_scale: float, steps: int, grid: tuple[int, int]):
         """The sampling loop as a generator: yields the packed latents (1, N, 64) after each step, unevaluated.
 
-        With the `batched_cfg` switch the conditional and unconditional passes are one batch of two (the shorter
-        text padded and masked); with `schedule_modulation` every step's modulation is computed before the loop."""
+        With the `batched_cfg` switch the conditional and unconditional passes are one batch of two when their
+        texts have one length (otherwise two passes: see below); with `schedule_modulation` every step's modulation is computed before the loop."""
         scheduler = FlowMatchEulerScheduler(self.scheduler_config)
         timesteps = scheduler.set_timesteps(steps, grid[0] * grid[1])
         model = self.transformer
         table = self.schedule_modulations(timesteps) if self.switches.schedule_modulation else None
         if table is None and model.modulation_released:
             self._restore_modulation(model)
+        # One batch of two only when the two texts need no padding: a padded-text mask takes attention off MLX's
+        # fused kernel (1024x1024 on an H200: 0.73 s per step and 18 GB more, against 0.32 s as two passes).
         batched = uncond is not None and self.switches.batched_cfg
+        batched = batched and cond[0].shape == uncond[0].shape and cond[1] is None and uncond[1] is None
         if batched:
             text, mask = batch_texts(cond, uncond)
         x = latents

@@ -87,6 +87,36 @@ def test_pipeline_switches_keep_diffusers_parity(setting):
         assert pixel_diff(image, name) <= 2
 
 
+def _run_counting_batches(switches, prompt, negative):
+    """(every step's latents, the batch size of every transformer call) of a 3-step CFG generation."""
+    pipe = load(switches=switches)
+    assert pipe.encode(prompt)[0].shape == pipe.encode(negative)[0].shape
+    model = pipe.transformer
+    batches, steps = [], []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def __call__(self, x, *args, **kw):
+            batches.append(x.shape[0])
+            return model(x, *args, **kw)
+
+    pipe._transformer = Spy()
+    pipe.generate(prompt, negative, 64, 64, steps=3, seed=0, progress=False, callback=lambda i, x: steps.append(x))
+    return np.stack([np.array(x) for x in steps]), batches
+
+
+def test_batched_cfg_equals_two_passes_when_texts_have_one_length():
+    """CFG as one batch of two runs only when no padding is needed; it must give the two passes' latents (which
+    the parity test above ties to diffusers) within 1e-5, and it must really run as a batch of two."""
+    prompt, negative = "a red fox in the snow", "a red fox on the snow"  # one length in the tiny tokenizer
+    batched, batches = _run_counting_batches(Switches(), prompt, negative)
+    two, passes = _run_counting_batches(Switches().only(batched_cfg=False), prompt, negative)
+    assert batches == [2, 2, 2] and passes == [1] * 6
+    np.testing.assert_allclose(batched, two, rtol=1e-5, atol=1e-5)
+
+
 def test_modulation_weights_released_after_scheduling_and_read_again():
     """With `schedule_modulation`, a generation computes every step's modulation first and drops the weights
     (a third of the real transformer); another schedule reads them back from the checkpoint, exactly."""
