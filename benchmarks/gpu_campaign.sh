@@ -25,6 +25,14 @@ case "${1:-}" in
     TRANSFORMER_ARGS="--only forward,cfg,peers" bash "$0" transformer
     timeout 330 "$py" benchmarks/bench_pipeline.py --peer-python "$py" --timeout 300 2>&1 | tee "$out/pipeline.log" | tail -30
     ;;
+  pipelines)  # the whole generation, default (with diffusers beside it) and with the VAE decoded in 64-latent tiles
+    mkdir -p "$out/default" "$out/tiled"
+    QWEN_NB_BENCH_OUT="$out/default" timeout 300 "$py" benchmarks/bench_pipeline.py --peer-python "$py" --timeout 280 \
+      2>&1 | tee "$out/default/pipeline.log" | tail -8
+    QWEN_NB_BENCH_OUT="$out/tiled" timeout 200 "$py" benchmarks/bench_pipeline.py --no-peer --vae-tile 64 --timeout 180 \
+      2>&1 | tee "$out/tiled/pipeline.log" | tail -8
+    rm -rf "$out"/*/pipeline_images
+    ;;
   pipeline)
     timeout 330 "$py" benchmarks/bench_pipeline.py --peer-python "$py" --timeout 300 2>&1 | tee "$out/pipeline.log" | tail -30
     timeout 120 "$py" benchmarks/bench_vae.py 2>&1 | tee "$out/vae.log" | tail -20
