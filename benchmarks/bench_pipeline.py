@@ -90,6 +90,8 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
     sizes = TINY if cfg["tiny"] else FULL
     dtype = mx.bfloat16
     mx.random.seed(0)
+    if cfg.get("memory_limit_gb"):  # MLX waits for queued work to finish before it allocates past this
+        mx.set_memory_limit(int(cfg["memory_limit_gb"] * 1e9))
 
     # Random weights, built lazily and cast before anything is evaluated: no float32 copy ever exists. The
     # builders run again when the pipeline frees a model and needs it back (sequenced memory).
@@ -117,6 +119,7 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
         dtype=dtype,
         keep_text_encoder=cfg["keep_text_encoder"],
         vae_tile=cfg["vae_tile"],
+        eval_every=cfg.get("eval_every"),
         verbose=False,
     )
     h, w = cfg["height"], cfg["width"]
@@ -301,6 +304,8 @@ def main():
     ap.add_argument("--size", default=None, help="WIDTHxHEIGHT (default 1024x1024; 64x64 with --tiny)")
     ap.add_argument("--keep-text-encoder", action="store_true", help="qwen_nb keeps every model resident")
     ap.add_argument("--vae-tile", type=int, default=None, help="qwen_nb decodes in latent tiles of this side")
+    ap.add_argument("--eval-every", type=int, default=None, help="qwen_nb evaluates every N transformer blocks")
+    ap.add_argument("--memory-limit-gb", type=float, default=None, help="qwen_nb runs under mx.set_memory_limit")
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with torch + diffusers")
     ap.add_argument("--no-peer", action="store_true", help="qwen_nb only")
     ap.add_argument("--peer-vae-tiling", action="store_true", help="diffusers decodes with vae.enable_tiling()")
@@ -326,6 +331,8 @@ def main():
         dtype="bfloat16",
         keep_text_encoder=True if a.keep_text_encoder else False,
         vae_tile=a.vae_tile,
+        eval_every=a.eval_every,
+        memory_limit_gb=a.memory_limit_gb,
         peer_vae_tiling=a.peer_vae_tiling,
         weights="random, " + ("tiny configs" if a.tiny else "full-size configs (20B transformer, 7B text encoder)"),
         tokenizer="tests/fixtures/tiny_tokenizer (no real vocabulary can be downloaded here)",

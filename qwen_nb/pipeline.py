@@ -136,6 +136,7 @@ class QwenImagePipeline:
         vae_tile: int | None = None,
         cache_size: int = 32,
         verbose: bool = True,
+        eval_every: int | None = None,
     ):
         """Use `from_pretrained` (a checkpoint) or `from_components` (models in memory)."""
         self.tokenizer = tokenizer
@@ -151,6 +152,12 @@ class QwenImagePipeline:
         self.max_sequence_length = max_sequence_length
         self.vae_tile = vae_tile
         self.verbose = verbose
+        # mx.eval after every this many transformer blocks (None: once per step). On a GPU, MLX queues a whole
+        # step's kernels ahead of the device, and buffers are freed only as the kernels finish: at 1024x1024 a
+        # step holds ~9 GB of activations in flight; evaluating every few blocks bounds that, for some speed.
+        if eval_every is not None and (not _is_int(eval_every) or eval_every < 1):
+            raise ValueError(f"eval_every must be a number of blocks >= 1, or None; got {eval_every!r}")
+        self.eval_every = eval_every
         self.quantization: QuantizationReport | None = None
         self.last_stats: GenerationStats | None = None
         self._cache: OrderedDict = OrderedDict()
@@ -178,6 +185,7 @@ class QwenImagePipeline:
         vae_tile: int | None = None,
         plan_size: tuple[int, int] = (1024, 1024),
         verbose: bool = True,
+        eval_every: int | None = None,
     ) -> "QwenImagePipeline":
         """A pipeline from a hub id (downloaded into the HF cache, only the needed files) or a diffusers folder.
 
@@ -185,7 +193,7 @@ class QwenImagePipeline:
         modulation layers at 8 bits). `keep_text_encoder`: None lets the memory plan decide, True keeps it
         resident, False frees it after each encoding. `check_memory=False` skips the refusal when the plan does
         not fit; `plan_size` (height, width) is the image size the plan is made for (generate() checks again
-        at other sizes). Nothing heavy is read here: weights load lazily on first use."""
+        at other sizes). `eval_every`: evaluate every so many transformer blocks (less memory in flight). Nothing heavy is read here: weights load lazily on first use."""
         bits = check_bits(quantize)
         if dtype not in DTYPES.values():
             raise ValueError(
@@ -221,6 +229,7 @@ class QwenImagePipeline:
             max_sequence_length=max_sequence_length,
             vae_tile=vae_tile,
             verbose=verbose,
+            eval_every=eval_every,
         )
 
     @classmethod
@@ -481,17 +490,26 @@ class QwenImagePipeline:
         batched = batched and cond[0].shape == uncond[0].shape and cond[1] is None and uncond[1] is None
         if batched:
             text, mask = batch_texts(cond, uncond)
+        hook = None
+        if self.eval_every:
+            k = self.eval_every
+
+            def hook(i, img, txt):
+                if (i + 1) % k == 0:
+                    mx.eval(img, txt)
+
         x = latents
         for i, t in enumerate(timesteps):
             sigma = mx.array([float(t)], dtype=mx.float32).astype(x.dtype) / 1000
             mods = None if table is None else step_modulations(table, i)
             if batched:
-                v = model(mx.concatenate([x, x]), text, sigma, grid, mask, mods=mods)
+                v = model(mx.concatenate([x, x]), text, sigma, grid, mask, mods=mods, block_hook=hook)
                 v = cfg_combine(v[:1], v[1:], cfg_scale)
             else:
-                v = model(x, cond[0], sigma, grid, cond[1], mods=mods)
+                v = model(x, cond[0], sigma, grid, cond[1], mods=mods, block_hook=hook)
                 if uncond is not None:
-                    v = cfg_combine(v, model(x, uncond[0], sigma, grid, uncond[1], mods=mods), cfg_scale)
+                    v_uncond = model(x, uncond[0], sigma, grid, uncond[1], mods=mods, block_hook=hook)
+                    v = cfg_combine(v, v_uncond, cfg_scale)
             x = scheduler.step(v, i, x)
             yield x
 

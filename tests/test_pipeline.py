@@ -87,6 +87,18 @@ def test_pipeline_switches_keep_diffusers_parity(setting):
         assert pixel_diff(image, name) <= 2
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_eval_every_blocks_keeps_diffusers_parity(every):
+    """Evaluating inside the step (every block, every 2 blocks) changes when work runs, not what it computes."""
+    pipe = load(eval_every=every)
+    steps = []
+    image = run_case(pipe, "square_cfg", callback=lambda i, x: steps.append(np.array(x[0])))
+    np.testing.assert_allclose(np.stack(steps), np.array(GOLDENS["square_cfg.latents"]), rtol=1e-5, atol=1e-5)
+    assert pixel_diff(image, "square_cfg") <= 2
+    with pytest.raises(ValueError, match="eval_every"):
+        load(eval_every=0)
+
+
 def _run_counting_batches(switches, prompt, negative):
     """(every step's latents, the batch size of every transformer call) of a 3-step CFG generation."""
     pipe = load(switches=switches)
