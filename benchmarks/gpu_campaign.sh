@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_campaign.sh transformer   # every switch, compiled, int8/int4, CFG step, diffusers + mflux
 #   bash benchmarks/gpu_campaign.sh pipeline      # a whole 20-step 1024x1024 CFG generation vs diffusers; VAE; text
 #   bash benchmarks/gpu_campaign.sh both          # the first two in one call, quantized variants left out
+#   bash benchmarks/gpu_campaign.sh memory        # the generation with eval every 10 / 5 blocks, or a memory limit
 #   bash benchmarks/gpu_campaign.sh training      # the embedded demo model trained from scratch on the GPU
 # Reports go to $OUT (or assets/bench), logs next to them.
 set -uo pipefail
@@ -33,6 +34,14 @@ case "${1:-}" in
       2>&1 | tee "$out/tiled/pipeline.log" | tail -8
     rm -rf "$out"/*/pipeline_images
     ;;
+  memory)  # the whole generation (qwen_nb alone) with the step's in-flight activations bounded in two ways
+    for v in "every10:--eval-every 10" "every5:--eval-every 5" "limit29:--memory-limit-gb 29"; do
+      mkdir -p "$out/${v%%:*}"
+      QWEN_NB_BENCH_OUT="$out/${v%%:*}" timeout 170 "$py" benchmarks/bench_pipeline.py --no-peer ${v#*:} --timeout 160 \
+        2>&1 | tail -3
+    done
+    rm -rf "$out"/*/pipeline_images
+    ;;
   pipeline)
     timeout 330 "$py" benchmarks/bench_pipeline.py --peer-python "$py" --timeout 300 2>&1 | tee "$out/pipeline.log" | tail -30
     timeout 120 "$py" benchmarks/bench_vae.py 2>&1 | tee "$out/vae.log" | tail -20
@@ -40,11 +49,11 @@ case "${1:-}" in
     ;;
   training)
     start=$(date +%s)
-    timeout 560 "$py" training/train_demo.py --fresh --run /tmp/demo_run --out "$out/demo_gpu" \
+    timeout 560 "$py" training/train_demo.py --fresh --run /tmp/demo_run --out /tmp/demo_gpu \
       --curves "$out/demo_gpu_curves.png" --samples "$out/demo_gpu_samples.png" 2>&1 | tr '\r' '\n' \
       | grep -v "step/s\]$" | tee "$out/training.log" | tail -30
     echo "training wall time $(( $(date +%s) - start )) s"
-    rm -rf "$out/demo_gpu"/*/*.safetensors  # the weights stay on the machine; the curves and log come back
+    du -sh /tmp/demo_gpu  # the checkpoint stays on the machine; the curves, samples and log come back
     ;;
   *) echo "usage: gpu_campaign.sh transformer|pipeline|training" >&2; exit 2 ;;
 esac
