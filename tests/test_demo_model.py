@@ -22,21 +22,22 @@ STEPS = 20
 
 # ------------------------------------------------------------------------------------------------ the data set
 def test_held_out_combinations_never_in_training():
-    held = demo_data.held_out_triples()
-    train = {s.triple for s in demo_data.training_scenes()}
-    assert len(held) == demo_data.HELD_OUT_TRIPLES_COUNT
-    assert not held & train
-    assert held | train == set(demo_data.all_triples())
-    for scene in demo_data.test_scenes():
-        assert scene.triple in held
-    # every word of a held-out caption is seen in training, in other combinations
-    for colour, shape, position in held:
-        assert any(s.colour == colour and s.shape == shape for s in demo_data.training_scenes())
-        assert any(s.shape == shape and s.position == position for s in demo_data.training_scenes())
+    held = demo_data.held_out_pairs()
+    train = demo_data.training_scenes()
+    assert len(held) == 9 and {p for _, p in held} == set(POSITIONS)  # one colour held out at each position
+    assert not held & {s.pair for s in train}
+    assert len(train) + len(demo_data.held_out_scenes()) == len(demo_data.all_scenes())
+    tests = demo_data.test_scenes()
+    assert len({(s.colour, s.shape, s.position) for s in tests}) == 16
+    for scene in tests:
+        assert scene.pair in held
+        # every part of a held-out caption is seen in training, in other combinations
+        assert any(s.colour == scene.colour for s in train) and any(s.position == scene.position for s in train)
+        assert any(s.colour == scene.colour and s.background == scene.background for s in train)
 
 
 def test_captions_round_trip_and_renders_are_deterministic():
-    for scene in demo_data.held_out_scenes()[:40] + demo_data.training_scenes()[::50]:
+    for scene in demo_data.held_out_scenes()[::7] + demo_data.training_scenes()[::50]:
         assert Scene.from_caption(scene.caption) == scene
     assert Scene.from_caption("an orange circle in the centre on a white background").position == "centre"
     with pytest.raises(ValueError, match="not a demo caption"):
