@@ -21,9 +21,9 @@ checkpoint left off):
 
 The checkpoint in assets/demo/ is this script's default run on a lent NVIDIA H200 through MLX's CUDA backend
 (`bash benchmarks/gpu_campaign.sh training`): 353 s wall, 343 s of it training; held-out score 16/16 with CFG 4
-and 15/16 with cfg_scale 1 (assets/demo_training_curves.json). The same script on this repository's 2-core CPU
-took 46 minutes and scored 15/16 both ways: on 16 captions CFG's edge is one picture, and it moves between runs
-(the GPU run's cfg_scale 1 score was 12/16, 16/16, 16/16, 15/16 at steps 1000..2500).
+and 15/16 with cfg_scale 1 (assets/demo_training_curves.json). The same script on a shared 2-core CPU
+took 48 minutes and scored 15/16 both ways at its last step: on 16 captions CFG's edge is one picture, and it moves
+between runs (the GPU run's cfg_scale 1 score was 12/16, 16/16, 16/16, 15/16 at steps 1000..2500).
 """
 
 import argparse
