@@ -129,11 +129,31 @@ def run_generate(args) -> int:
     return 0
 
 
+def add_course(subparsers) -> None:
+    p = subparsers.add_parser(
+        "course",
+        help="run the notebook series (or some of it) top to bottom and save the outputs",
+        description="Run the course notebooks in fresh kernels and save their outputs: on the embedded demo model "
+        "by default, on the real one with QWEN_NB_WEIGHTS=Qwen/Qwen-Image (or a folder).",
+    )
+    from .course import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=run_course)
+
+
+def run_course(args) -> int:
+    from .course import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qwen_nb", description="Qwen-Image in MLX.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     add_generate(subparsers)
+    add_course(subparsers)
     return parser
 
 

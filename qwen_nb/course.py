@@ -21,9 +21,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 
-# The embedded checkpoint: until the trained demo model lands, the tiny random diffusers pipeline of the tests.
-EMBEDDED = REPO / "tests" / "fixtures" / "tiny_pipeline" / "layout_b"
-EMBEDDED_NAME = "the tiny random pipeline of the tests (random weights: its pictures are noise)"
+# The embedded checkpoint: a tiny Qwen-Image trained in this repository on procedural captioned pictures
+# (training/train_demo.py, qwen_nb/demo_data.py), in the diffusers folder layout like the real one.
+EMBEDDED = REPO / "assets" / "demo"
+EMBEDDED_NAME = "the demo model trained in this repository (64x64 pictures of coloured shapes)"
 
 WEIGHTS = os.environ.get("QWEN_NB_WEIGHTS", "").strip() or None
 REAL = WEIGHTS is not None
