@@ -137,6 +137,7 @@ class QwenImagePipeline:
         cache_size: int = 32,
         verbose: bool = True,
         eval_every: int | None = None,
+        memory_limit_gb: float | None = None,
     ):
         """Use `from_pretrained` (a checkpoint) or `from_components` (models in memory)."""
         self.tokenizer = tokenizer
@@ -158,6 +159,11 @@ class QwenImagePipeline:
         if eval_every is not None and (not _is_int(eval_every) or eval_every < 1):
             raise ValueError(f"eval_every must be a number of blocks >= 1, or None; got {eval_every!r}")
         self.eval_every = eval_every
+        # mx.set_memory_limit while generating (None: MLX's default). On an H200 at 1024x1024, 29 GB kept the
+        # whole generation at 29.5 GB instead of 37 GB, and no slower (assets/bench/pipeline_h200_memory_limit29.json)
+        if memory_limit_gb is not None and not (isinstance(memory_limit_gb, (int, float)) and memory_limit_gb > 0):
+            raise ValueError(f"memory_limit_gb must be a positive number of GB, or None; got {memory_limit_gb!r}")
+        self.memory_limit_gb = memory_limit_gb
         self.quantization: QuantizationReport | None = None
         self.last_stats: GenerationStats | None = None
         self._cache: OrderedDict = OrderedDict()
@@ -186,6 +192,7 @@ class QwenImagePipeline:
         plan_size: tuple[int, int] = (1024, 1024),
         verbose: bool = True,
         eval_every: int | None = None,
+        memory_limit_gb: float | None = None,
     ) -> "QwenImagePipeline":
         """A pipeline from a hub id (downloaded into the HF cache, only the needed files) or a diffusers folder.
 
@@ -193,7 +200,8 @@ class QwenImagePipeline:
         modulation layers at 8 bits). `keep_text_encoder`: None lets the memory plan decide, True keeps it
         resident, False frees it after each encoding. `check_memory=False` skips the refusal when the plan does
         not fit; `plan_size` (height, width) is the image size the plan is made for (generate() checks again
-        at other sizes). `eval_every`: evaluate every so many transformer blocks (less memory in flight). Nothing heavy is read here: weights load lazily on first use."""
+        at other sizes). `eval_every`: evaluate every so many transformer blocks, and `memory_limit_gb`: let MLX wait for
+        queued work past this many GB (both bound the memory in flight on a GPU). Nothing heavy is read here: weights load lazily on first use."""
         bits = check_bits(quantize)
         if dtype not in DTYPES.values():
             raise ValueError(
@@ -230,6 +238,7 @@ class QwenImagePipeline:
             vae_tile=vae_tile,
             verbose=verbose,
             eval_every=eval_every,
+            memory_limit_gb=memory_limit_gb,
         )
 
     @classmethod
@@ -575,60 +584,66 @@ class QwenImagePipeline:
         noise = self.initial_noise(height, width, seed, latents)
         self._check_memory_at(height, width)
 
-        do_cfg = cfg_scale > 1 and negative_prompt is not None
-        stats = GenerationStats(seed if latents is None else None, height, width, steps, do_cfg)
-        self.last_stats = stats
-        gc.collect()
-        mx.reset_peak_memory()
-        start = time.perf_counter()
-
-        cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats)
-
-        grid = (height // MULTIPLE, width // MULTIPLE)
-        t = time.perf_counter()
-        if self.switches.schedule_modulation:  # before the rest is read: the modulation weights are then released
-            self.schedule_modulations(self.timesteps(steps, grid))
-        self.materialize_transformer()
-        stats.load_s += time.perf_counter() - t
-        stats.stage_peaks_gb["weights"] = mx.get_peak_memory() / 1e9
-
-        x = pack_latents(noise)
-        if preview is not None:
-            from . import preview as previews
-            from .scheduler import flow_match_sigmas
-
-            projection = previews.projection_for(self.vae)  # fitted once per VAE, from a few small decodes
-            sigmas = flow_match_sigmas(steps, grid[0] * grid[1], self.scheduler_config)
+        # MLX queues kernels ahead of the device and frees buffers as they finish; a limit makes it wait instead
+        previous = mx.set_memory_limit(int(self.memory_limit_gb * 1e9)) if self.memory_limit_gb else None
         try:
-            from tqdm.auto import tqdm
+            do_cfg = cfg_scale > 1 and negative_prompt is not None
+            stats = GenerationStats(seed if latents is None else None, height, width, steps, do_cfg)
+            self.last_stats = stats
+            gc.collect()
+            mx.reset_peak_memory()
+            start = time.perf_counter()
 
-            with tqdm(total=steps, desc="denoising", unit="step", disable=not progress) as bar:
-                t = time.perf_counter()
-                for i, x_next in enumerate(self.denoise(x, cond, uncond, cfg_scale, steps, grid)):
-                    mx.eval(x_next)
-                    x, before = x_next, x
-                    stats.step_times_s.append(time.perf_counter() - t)
-                    bar.update()
-                    if callback is not None:
-                        callback(i, x)
-                    if preview is not None and ((i + 1) % preview_every == 0 or i == steps - 1):
-                        guess = previews.x0_guess(before, x, float(sigmas[i]), float(sigmas[i + 1]))
-                        preview(i, previews.preview(projection, guess, height, width))
-                    t = time.perf_counter()  # the callbacks' own time is not the step's
-        except KeyboardInterrupt:
-            stats.interrupted_at = len(stats.step_times_s)
+            cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats)
+
+            grid = (height // MULTIPLE, width // MULTIPLE)
+            t = time.perf_counter()
+            if self.switches.schedule_modulation:  # before the rest is read: the modulation weights are then released
+                self.schedule_modulations(self.timesteps(steps, grid))
+            self.materialize_transformer()
+            stats.load_s += time.perf_counter() - t
+            stats.stage_peaks_gb["weights"] = mx.get_peak_memory() / 1e9
+
+            x = pack_latents(noise)
+            if preview is not None:
+                from . import preview as previews
+                from .scheduler import flow_match_sigmas
+
+                projection = previews.projection_for(self.vae)  # fitted once per VAE, from a few small decodes
+                sigmas = flow_match_sigmas(steps, grid[0] * grid[1], self.scheduler_config)
+            try:
+                from tqdm.auto import tqdm
+
+                with tqdm(total=steps, desc="denoising", unit="step", disable=not progress) as bar:
+                    t = time.perf_counter()
+                    for i, x_next in enumerate(self.denoise(x, cond, uncond, cfg_scale, steps, grid)):
+                        mx.eval(x_next)
+                        x, before = x_next, x
+                        stats.step_times_s.append(time.perf_counter() - t)
+                        bar.update()
+                        if callback is not None:
+                            callback(i, x)
+                        if preview is not None and ((i + 1) % preview_every == 0 or i == steps - 1):
+                            guess = previews.x0_guess(before, x, float(sigmas[i]), float(sigmas[i + 1]))
+                            preview(i, previews.preview(projection, guess, height, width))
+                        t = time.perf_counter()  # the callbacks' own time is not the step's
+            except KeyboardInterrupt:
+                stats.interrupted_at = len(stats.step_times_s)
+                stats.total_s = time.perf_counter() - start
+                stats.peak_gb = mx.get_peak_memory() / 1e9
+                raise GenerationInterrupted(stats.interrupted_at, steps, x, height, width) from None
+
+            stats.stage_peaks_gb["denoise"] = mx.get_peak_memory() / 1e9
+            t = time.perf_counter()
+            image = self.decode(x, height, width)
+            stats.decode_s = time.perf_counter() - t
+            stats.stage_peaks_gb["decode"] = mx.get_peak_memory() / 1e9
             stats.total_s = time.perf_counter() - start
             stats.peak_gb = mx.get_peak_memory() / 1e9
-            raise GenerationInterrupted(stats.interrupted_at, steps, x, height, width) from None
-
-        stats.stage_peaks_gb["denoise"] = mx.get_peak_memory() / 1e9
-        t = time.perf_counter()
-        image = self.decode(x, height, width)
-        stats.decode_s = time.perf_counter() - t
-        stats.stage_peaks_gb["decode"] = mx.get_peak_memory() / 1e9
-        stats.total_s = time.perf_counter() - start
-        stats.peak_gb = mx.get_peak_memory() / 1e9
-        return image
+            return image
+        finally:
+            if previous is not None:
+                mx.set_memory_limit(previous)
 
     __call__ = generate
 

@@ -99,6 +99,19 @@ def test_eval_every_blocks_keeps_diffusers_parity(every):
         load(eval_every=0)
 
 
+def test_memory_limit_applies_while_generating_and_is_restored():
+    before = mx.set_memory_limit(10**12)  # read the current limit ...
+    mx.set_memory_limit(before)  # ... and leave it as it was
+    seen = []
+    pipe = load(memory_limit_gb=0.5)
+    image = run_case(pipe, "square_cfg", callback=lambda i, x: seen.append(mx.set_memory_limit(10**12)))
+    assert pixel_diff(image, "square_cfg") <= 2  # the same picture, computed under the limit
+    assert seen[0] == 500_000_000
+    assert mx.set_memory_limit(before) == before  # restored afterwards
+    with pytest.raises(ValueError, match="memory_limit_gb"):
+        load(memory_limit_gb=-1)
+
+
 def _run_counting_batches(switches, prompt, negative):
     """(every step's latents, the batch size of every transformer call) of a 3-step CFG generation."""
     pipe = load(switches=switches)
