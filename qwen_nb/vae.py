@@ -24,8 +24,9 @@ overlap, away from the cut edges, and is approximate. Measured on the random-wei
 (tests/test_vae.py): max |tiled - untiled| = 6e-8 with the default overlap; 0.021 with overlap 16 and 0.24 with
 overlap 8 (tile 24; [-1, 1] units; random weights have strong edge effects, a trained decoder is smoother).
 Activation memory scales with tile**2; `TILE` = 96 covers a 1328x1328 image (166x166 latents) with 2 x 2 tiles.
-Each tile is evaluated as it is made: the only `mx.eval` in the package's modules, because a memory bound is the
-point of tiling and one lazy graph of all tiles would not keep it.
+Each tile, and each query chunk of the mid block's attention, is evaluated as it is made: the only `mx.eval` calls in
+the package's modules, because a memory bound is the point of tiling and one lazy graph would not keep it (a GPU
+backend allocates the buffers of all queued work ahead of running it).
 """
 
 import math
@@ -160,16 +161,19 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, bounded: bool = False) -> mx.array:
         B, H, W, C = x.shape
         qkv = self.to_qkv(self.norm(x)).reshape(B, 1, H * W, 3 * C)  # one head
         q, k, v = mx.split(qkv, 3, axis=-1)
         # Chunking the queries keeps each materialised score matrix under ATTN_CHUNK_ELEMENTS; it is exact.
+        # A GPU backend allocates every queued chunk's scores before the first one runs, so in the memory-bounded
+        # (tiled) decode each chunk is evaluated as it is made: 27556^2 scores at 1328x1328 would be 3 GB at once.
         step = max(1, ATTN_CHUNK_ELEMENTS // (H * W))
-        out = [
-            mx.fast.scaled_dot_product_attention(q[:, :, i : i + step], k, v, scale=C**-0.5)
-            for i in range(0, H * W, step)
-        ]
+        out = []
+        for i in range(0, H * W, step):
+            out.append(mx.fast.scaled_dot_product_attention(q[:, :, i : i + step], k, v, scale=C**-0.5))
+            if bounded:
+                mx.eval(out[-1])
         out = out[0] if len(out) == 1 else mx.concatenate(out, axis=2)
         return x + self.proj(out.reshape(B, H, W, C))
 
@@ -249,8 +253,8 @@ class MidBlock(nn.Module):
         self.resnets = [ResidualBlock(dim, dim), ResidualBlock(dim, dim)]
         self.attentions = [AttentionBlock(dim)]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+    def __call__(self, x: mx.array, bounded: bool = False) -> mx.array:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x), bounded))
 
 
 class Encoder(nn.Module):
@@ -315,8 +319,8 @@ class Decoder(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = conv3x3(dims[-1], 3)
 
-    def features(self, z: mx.array) -> mx.array:
-        return self.mid_block(self.conv_in(z))
+    def features(self, z: mx.array, bounded: bool = False) -> mx.array:
+        return self.mid_block(self.conv_in(z), bounded)
 
     def pixels(self, x: mx.array) -> mx.array:
         for block in self.up_blocks:
@@ -392,7 +396,7 @@ class AutoencoderKLQwenImage(nn.Module):
         c = self.config
         dtype = self.post_quant_conv.weight.dtype
         z = z.astype(dtype) * mx.array(c.latents_std, dtype=dtype) + mx.array(c.latents_mean, dtype=dtype)
-        x = self.decoder.features(self.post_quant_conv(z))
+        x = self.decoder.features(self.post_quant_conv(z), bounded=tile is not None)
         if tile is None:
             return mx.clip(self.decoder.pixels(x), -1, 1)
         return mx.clip(self._tiled_pixels(x, tile, c.exact_overlap if overlap is None else overlap), -1, 1)
