@@ -42,6 +42,9 @@ case "${1:-}" in
     done
     rm -rf "$out"/*/pipeline_images
     ;;
+  vae)
+    timeout 150 "$py" benchmarks/bench_vae.py 2>&1 | tee "$out/vae.log" | tail -20
+    ;;
   pipeline)
     timeout 330 "$py" benchmarks/bench_pipeline.py --peer-python "$py" --timeout 300 2>&1 | tee "$out/pipeline.log" | tail -30
     timeout 120 "$py" benchmarks/bench_vae.py 2>&1 | tee "$out/vae.log" | tail -20
