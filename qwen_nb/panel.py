@@ -69,7 +69,7 @@ class Panel:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-        full = w.Layout(width="100%")
+        full = w.Layout(width="96%")
         self.prompt = w.Textarea(value=prompt, description="Prompt", rows=2, layout=full)
         self.negative = w.Text(value=negative_prompt, description="Negative", layout=full)
         self.steps = w.IntSlider(value=steps, min=1, max=100, description="Steps")
