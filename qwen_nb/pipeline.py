@@ -346,9 +346,9 @@ class QwenImagePipeline:
             gc.collect()
             mx.clear_cache()
 
-    def materialize_transformer(self) -> None:
+    def materialize_transformer(self, progress: bool = False) -> None:
         """Read (and quantize) the transformer's weights now, block by block so the peak stays near their size."""
-        materialize(self.transformer)
+        materialize(self.transformer, "reading the transformer" if progress else None)
 
     # ------------------------------------------------------------------ modulation over a schedule
     def _can_release_modulation(self) -> bool:
@@ -439,7 +439,13 @@ class QwenImagePipeline:
             self._cache.popitem(last=False)
         return value
 
-    def encode_prompts(self, prompt: str, negative_prompt: str | None, stats: "GenerationStats | None" = None):
+    def encode_prompts(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        stats: "GenerationStats | None" = None,
+        progress: bool = False,
+    ):
         """(cond, uncond) embeddings; uncond is None without a negative prompt. Frees the text encoder afterwards
         when the pipeline runs sequenced. Both prompts are checked before the text encoder is loaded."""
         texts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
@@ -450,7 +456,7 @@ class QwenImagePipeline:
             if self._text_encoder is None and not self.keep_text_encoder:
                 self._release("_transformer")
             start = time.perf_counter()
-            materialize(self.text_encoder)
+            materialize(self.text_encoder, "reading the text encoder" if progress else None)
             if stats is not None:
                 stats.load_s += time.perf_counter() - start
         start = time.perf_counter()
@@ -594,13 +600,13 @@ class QwenImagePipeline:
             mx.reset_peak_memory()
             start = time.perf_counter()
 
-            cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats)
+            cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats, progress)
 
             grid = (height // MULTIPLE, width // MULTIPLE)
             t = time.perf_counter()
             if self.switches.schedule_modulation:  # before the rest is read: the modulation weights are then released
                 self.schedule_modulations(self.timesteps(steps, grid))
-            self.materialize_transformer()
+            self.materialize_transformer(progress)
             stats.load_s += time.perf_counter() - t
             stats.stage_peaks_gb["weights"] = mx.get_peak_memory() / 1e9
 
@@ -713,16 +719,22 @@ def batch_texts(cond, uncond):
     return mx.concatenate([a, b]), mx.concatenate([ma, mb])
 
 
-def materialize(module) -> None:
+def materialize(module, desc: str | None = None) -> None:
     """Evaluate a module's parameters group by group (each numbered block separately), so reading or quantizing
-    lazily loaded weights never holds more than one block's sources at a time."""
+    lazily loaded weights never holds more than one block's sources at a time. With `desc`, a progress bar when
+    there is more than a gigabyte to read."""
     groups = {}
     for name, v in tree_flatten(module.parameters()):
         parts = name.split(".")
         key = next((".".join(parts[: i + 1]) for i, p in enumerate(parts) if p.isdigit()), parts[0])
         groups.setdefault(key, []).append(v)
-    for arrays in groups.values():
-        mx.eval(arrays)
+    total = sum(v.nbytes for arrays in groups.values() for v in arrays)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=desc is None or total < 1e9) as bar:
+        for arrays in groups.values():
+            mx.eval(arrays)
+            bar.update(sum(v.nbytes for v in arrays))
 
 
 def _copy(src: Path, dst: Path) -> None:
