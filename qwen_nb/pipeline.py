@@ -137,7 +137,7 @@ class QwenImagePipeline:
         cache_size: int = 32,
         verbose: bool = True,
         eval_every: int | None = None,
-        memory_limit_gb: float | None = None,
+        memory_limit_gb: float | str | None = "auto",
     ):
         """Use `from_pretrained` (a checkpoint) or `from_components` (models in memory)."""
         self.tokenizer = tokenizer
@@ -159,10 +159,16 @@ class QwenImagePipeline:
         if eval_every is not None and (not _is_int(eval_every) or eval_every < 1):
             raise ValueError(f"eval_every must be a number of blocks >= 1, or None; got {eval_every!r}")
         self.eval_every = eval_every
-        # mx.set_memory_limit while generating (None: MLX's default). On an H200 at 1024x1024, 29 GB kept the
-        # whole generation at 29.5 GB instead of 37 GB, and no slower (assets/bench/pipeline_h200_memory_limit29.json)
-        if memory_limit_gb is not None and not (isinstance(memory_limit_gb, (int, float)) and memory_limit_gb > 0):
-            raise ValueError(f"memory_limit_gb must be a positive number of GB, or None; got {memory_limit_gb!r}")
+        # mx.set_memory_limit while generating: GB, "auto" (the weights held once loaded + AUTO_LIMIT_MARGIN) or
+        # None (MLX's default). On an H200 at 1024x1024, 29 GB kept the whole generation at 29.5 GB instead of
+        # 37 GB, and no slower (assets/bench/pipeline_h200_memory_limit29.json).
+        ok = memory_limit_gb in (None, "auto") or (
+            isinstance(memory_limit_gb, (int, float)) and not isinstance(memory_limit_gb, bool) and memory_limit_gb > 0
+        )
+        if not ok:
+            raise ValueError(
+                f"memory_limit_gb must be a positive number of GB, 'auto' or None; got {memory_limit_gb!r}"
+            )
         self.memory_limit_gb = memory_limit_gb
         self.quantization: QuantizationReport | None = None
         self.last_stats: GenerationStats | None = None
@@ -192,7 +198,7 @@ class QwenImagePipeline:
         plan_size: tuple[int, int] = (1024, 1024),
         verbose: bool = True,
         eval_every: int | None = None,
-        memory_limit_gb: float | None = None,
+        memory_limit_gb: float | str | None = "auto",
     ) -> "QwenImagePipeline":
         """A pipeline from a hub id (downloaded into the HF cache, only the needed files) or a diffusers folder.
 
@@ -591,7 +597,8 @@ class QwenImagePipeline:
         self._check_memory_at(height, width)
 
         # MLX queues kernels ahead of the device and frees buffers as they finish; a limit makes it wait instead
-        previous = mx.set_memory_limit(int(self.memory_limit_gb * 1e9)) if self.memory_limit_gb else None
+        fixed = self.memory_limit_gb not in (None, "auto")
+        previous = mx.set_memory_limit(int(self.memory_limit_gb * 1e9)) if fixed else None
         try:
             do_cfg = cfg_scale > 1 and negative_prompt is not None
             stats = GenerationStats(seed if latents is None else None, height, width, steps, do_cfg)
@@ -609,6 +616,9 @@ class QwenImagePipeline:
             self.materialize_transformer(progress)
             stats.load_s += time.perf_counter() - t
             stats.stage_peaks_gb["weights"] = mx.get_peak_memory() / 1e9
+            if self.memory_limit_gb == "auto":  # what is held now, and room for a step's work
+                held = mx.get_active_memory()
+                previous = mx.set_memory_limit(int(held + AUTO_LIMIT_MARGIN))
 
             x = pack_latents(noise)
             if preview is not None:
@@ -697,6 +707,13 @@ class QwenImagePipeline:
             self._schedule = None
         _save_sharded(model.diffusers_weights(), tdir, max_shard_size)
         return out
+
+
+# "auto" memory limit: the bytes held once the weights are in, plus this. MLX may go past a limit (it is a
+# guideline), but first waits for queued work to finish and free its buffers. A 1024x1024 step needs well under a
+# gigabyte at a time; what goes past it on a GPU is work queued ahead (on an H200 a limit 0.6 GB above the weights
+# cost nothing in speed).
+AUTO_LIMIT_MARGIN = 1e9
 
 
 def batch_texts(cond, uncond):

@@ -112,6 +112,20 @@ def test_memory_limit_applies_while_generating_and_is_restored():
         load(memory_limit_gb=-1)
 
 
+def test_auto_memory_limit_is_the_weights_plus_a_margin_while_denoising():
+    before = mx.set_memory_limit(10**12)
+    mx.set_memory_limit(before)
+    seen = []
+    pipe = load()  # memory_limit_gb="auto" by default
+    image = run_case(
+        pipe, "square_cfg", callback=lambda i, x: seen.append((mx.get_memory_limit(), mx.get_active_memory()))
+    )
+    assert pixel_diff(image, "square_cfg") <= 2
+    limit, active = seen[0]
+    assert pipeline_module.AUTO_LIMIT_MARGIN <= limit - active + 10**7 and limit < active + 2 * 10**9
+    assert mx.get_memory_limit() == before
+
+
 def _run_counting_batches(switches, prompt, negative):
     """(every step's latents, the batch size of every transformer call) of a 3-step CFG generation."""
     pipe = load(switches=switches)
