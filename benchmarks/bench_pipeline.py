@@ -90,8 +90,6 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
     sizes = TINY if cfg["tiny"] else FULL
     dtype = mx.bfloat16
     mx.random.seed(0)
-    if cfg.get("memory_limit_gb"):  # MLX waits for queued work to finish before it allocates past this
-        mx.set_memory_limit(int(cfg["memory_limit_gb"] * 1e9))
 
     # Random weights, built lazily and cast before anything is evaluated: no float32 copy ever exists. The
     # builders run again when the pipeline frees a model and needs it back (sequenced memory).
@@ -120,6 +118,7 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
         keep_text_encoder=cfg["keep_text_encoder"],
         vae_tile=cfg["vae_tile"],
         eval_every=cfg.get("eval_every"),
+        memory_limit_gb=cfg.get("memory_limit_gb") or "auto",  # the pipeline's default unless a number is given
         verbose=False,
     )
     h, w = cfg["height"], cfg["width"]
@@ -305,7 +304,7 @@ def main():
     ap.add_argument("--keep-text-encoder", action="store_true", help="qwen_nb keeps every model resident")
     ap.add_argument("--vae-tile", type=int, default=None, help="qwen_nb decodes in latent tiles of this side")
     ap.add_argument("--eval-every", type=int, default=None, help="qwen_nb evaluates every N transformer blocks")
-    ap.add_argument("--memory-limit-gb", type=float, default=None, help="qwen_nb runs under mx.set_memory_limit")
+    ap.add_argument("--memory-limit-gb", type=float, default=None, help="qwen_nb's memory_limit_gb (default 'auto')")
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with torch + diffusers")
     ap.add_argument("--no-peer", action="store_true", help="qwen_nb only")
     ap.add_argument("--peer-vae-tiling", action="store_true", help="diffusers decodes with vae.enable_tiling()")

@@ -713,7 +713,7 @@ class QwenImagePipeline:
 # guideline), but first waits for queued work to finish and free its buffers. A 1024x1024 step needs well under a
 # gigabyte at a time; what goes past it on a GPU is work queued ahead (on an H200 a limit 0.6 GB above the weights
 # cost nothing in speed).
-AUTO_LIMIT_MARGIN = 1e9
+AUTO_LIMIT_MARGIN = 2e9
 
 
 def batch_texts(cond, uncond):

@@ -122,7 +122,8 @@ def test_auto_memory_limit_is_the_weights_plus_a_margin_while_denoising():
     )
     assert pixel_diff(image, "square_cfg") <= 2
     limit, active = seen[0]
-    assert pipeline_module.AUTO_LIMIT_MARGIN <= limit - active + 10**7 and limit < active + 2 * 10**9
+    margin = pipeline_module.AUTO_LIMIT_MARGIN  # over what is held once the weights are in (tiny here)
+    assert margin - 10**8 <= limit - active <= margin + 10**7
     assert mx.get_memory_limit() == before
 
 
