@@ -26,6 +26,18 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def parse_memory_limit(text: str):
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, 'auto' or 'none', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the memory limit must be a positive number of GB, got {text}")
+    return value
+
+
 def add_generate(subparsers) -> None:
     from .pipeline import ASPECTS
 
@@ -52,6 +64,12 @@ def add_generate(subparsers) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--keep-text-encoder", action="store_true", help="keep the text encoder resident")
     p.add_argument("--no-memory-check", action="store_true", help="load even when the memory plan says no")
+    p.add_argument(
+        "--memory-limit-gb",
+        type=parse_memory_limit,
+        default="auto",
+        help="MLX's memory limit while generating: GB, 'auto' (the weights held + 2 GB; default) or 'none'",
+    )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or plan")
     p.add_argument(
@@ -90,6 +108,7 @@ def run_generate(args) -> int:
         check_memory=not args.no_memory_check,
         plan_size=(height, width),
         verbose=not args.quiet,
+        memory_limit_gb=args.memory_limit_gb,
     )
     try:
         image = pipe.generate(

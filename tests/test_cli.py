@@ -71,6 +71,16 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, extra, message):
     assert not out.exists()
 
 
+def test_memory_limit_option():
+    parse = lambda *a: build_parser().parse_args(["generate", "--prompt", "p", "--out", "x.png", *a])
+    assert parse().memory_limit_gb == "auto"
+    assert parse("--memory-limit-gb", "29").memory_limit_gb == 29.0
+    assert parse("--memory-limit-gb", "none").memory_limit_gb is None
+    for bad in ("-3", "lots"):
+        with pytest.raises(SystemExit):
+            parse("--memory-limit-gb", bad)
+
+
 def test_output_checks(tmp_path, capsys):
     code, io = run_main(capsys, "generate", "--prompt", "p", "--out", str(tmp_path / "x.gif"), *ARGS)
     assert code == 2 and "should end in one of .png" in io.err
