@@ -12,7 +12,6 @@ import sys
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
-
 def pytest_configure(config):
     if (
         sys.platform.startswith("linux")
