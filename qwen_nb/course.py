@@ -286,6 +286,7 @@ def run_notebooks(paths=None, timeout: float | None = LIMIT_S, cell_timeout: int
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         client = NotebookClient(
             nb,
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not the kernel's warning about local TCP sockets
             timeout=cell_timeout,
             kernel_name="python3",
             record_timing=False,
