@@ -1,0 +1,56 @@
+"""`python -m qwen_nb course`, the command that runs the notebook series (the README's main command), and the checks
+it makes before it saves a notebook."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+
+from qwen_nb import course
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_course_runs_a_notebook_without_saving_it():
+    notebook = ROOT / "notebooks" / "01_rmsnorm.ipynb"
+    before = notebook.read_bytes()
+    r = subprocess.run(
+        [sys.executable, "-m", "qwen_nb", "course", "01_rmsnorm", "--no-save"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "running 1 notebook(s); embedded: assets/demo" in r.stdout
+    assert "01_rmsnorm.ipynb" in r.stdout and "total" in r.stdout
+    assert "without encryption" not in r.stderr  # the kernels log errors only
+    assert notebook.read_bytes() == before
+
+
+def test_course_refuses_an_unknown_notebook():
+    r = subprocess.run(
+        [sys.executable, "-m", "qwen_nb", "course", "99_nothing", "--no-save"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert r.returncode == 1 and "error:" in r.stderr and "99_nothing" in r.stderr
+
+
+def _notebook(counts, outputs):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", execution_count=c, outputs=o) for c, o in zip(counts, outputs)]
+    return nb
+
+
+def test_check_notebook_finds_what_must_not_be_committed():
+    clean = _notebook([1, 2], [[], [nbformat.v4.new_output("stream", name="stdout", text="ok\n")]])
+    assert course.check_notebook(clean) == []
+    assert "execution counts" in course.check_notebook(_notebook([1, 3], [[], []]))[0]
+    error = nbformat.v4.new_output("error", ename="ValueError", evalue="bad", traceback=[])
+    assert "error output: ValueError: bad" in course.check_notebook(_notebook([1], [[error]]))[0]
+    local = nbformat.v4.new_output("stream", name="stdout", text=f"saved to {ROOT}/x.png\n")
+    assert "local path" in course.check_notebook(_notebook([1], [[local]]))[0]
