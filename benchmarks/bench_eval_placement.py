@@ -30,6 +30,7 @@ import peers as peer_lib
 from bench_transformer import build, device_kind, gb
 from common import time_variants, write_report
 
+from qwen_nb.pipeline import model_sigmas
 from qwen_nb.scheduler import FlowMatchEulerScheduler, cfg_combine
 from qwen_nb.transformer import TransformerConfig
 
@@ -50,7 +51,7 @@ def policy_names(every: int) -> dict:
 def make_denoise(model, noise, cond, uncond, grid, steps: int, every: int):
     """The CFG loop with mx.eval placed by a policy key; returns the final latents (evaluated)."""
     scheduler = FlowMatchEulerScheduler()
-    timesteps = scheduler.set_timesteps(steps, grid[0] * grid[1])
+    sigmas = model_sigmas(scheduler.set_timesteps(steps, grid[0] * grid[1]), noise.dtype)  # as the pipeline's
     hooks = {
         "per_block": lambda i, img, txt: mx.eval(img, txt),
         "every_k": lambda i, img, txt: mx.eval(img, txt) if (i + 1) % every == 0 else None,
@@ -59,10 +60,9 @@ def make_denoise(model, noise, cond, uncond, grid, steps: int, every: int):
     def denoise(policy):
         hook = hooks.get(policy)
         x = noise
-        for i, t in enumerate(timesteps):
-            sigma = mx.array([float(t)], dtype=mx.float32).astype(x.dtype) / 1000  # as the pipeline rounds it
-            c = model(x, cond, sigma, grid, block_hook=hook)
-            u = model(x, uncond, sigma, grid, block_hook=hook)
+        for i in range(sigmas.size):
+            c = model(x, cond, sigmas[i : i + 1], grid, block_hook=hook)
+            u = model(x, uncond, sigmas[i : i + 1], grid, block_hook=hook)
             x = scheduler.step(cfg_combine(c, u, CFG_SCALE), i, x)
             if policy in ("per_step", "per_block", "every_k"):
                 mx.eval(x)

@@ -63,17 +63,17 @@ class JointAttention(nn.Module):
         is copied until evaluated. Call after loading; `split_projections` undoes it."""
         if self.fused:
             return
-        self.to_qkv = _stack([self.to_q, self.to_k, self.to_v])
-        self.add_qkv_proj = _stack([self.add_q_proj, self.add_k_proj, self.add_v_proj])
-        for name in _SEPARATE:
-            delattr(self, name)
+        for fused, names in FUSED_PROJECTIONS.items():
+            setattr(self, fused, _stack([self[name] for name in names]))
+            for name in names:
+                delattr(self, name)
 
     def split_projections(self) -> None:
         """The checkpoint's separate to_q/to_k/to_v and add_{q,k,v}_proj again (row slices of the fused ones)."""
         if not self.fused:
             return
-        for fused, names in (("to_qkv", _SEPARATE[:3]), ("add_qkv_proj", _SEPARATE[3:])):
-            for name, part in zip(names, _unstack(self[fused], 3)):
+        for fused, names in FUSED_PROJECTIONS.items():
+            for name, part in zip(names, _unstack(self[fused], len(names))):
                 setattr(self, name, part)
             delattr(self, fused)
 
@@ -117,7 +117,14 @@ class JointAttention(nn.Module):
         return self.to_out[0](o[:, L:]), self.to_add_out(o[:, :L])
 
 
-_SEPARATE = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+# Each fused projection and, in row order, the checkpoint's separate linears it stands for.
+FUSED_PROJECTIONS = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def split_rows(x: mx.array, parts: int) -> list[mx.array]:
+    """`parts` equal row blocks of x (a fused weight, bias, or quantized scales)."""
+    n = x.shape[0] // parts
+    return [x[i * n : (i + 1) * n] for i in range(parts)]
 
 
 def _stack(linears: list) -> nn.Module:
@@ -131,12 +138,9 @@ def _stack(linears: list) -> nn.Module:
 
 def _unstack(fused: nn.Module, parts: int) -> list:
     """The inverse of `_stack`: `parts` linears of equal width."""
-    out = []
-    for i in range(parts):
-        lin = copy.copy(fused)
-        for name, value in fused.items():
-            if isinstance(value, mx.array):
-                n = value.shape[0] // parts
-                lin[name] = value[i * n : (i + 1) * n]
-        out.append(lin)
+    out = [copy.copy(fused) for _ in range(parts)]
+    for name, value in fused.items():
+        if isinstance(value, mx.array):
+            for lin, rows in zip(out, split_rows(value, parts)):
+                lin[name] = rows
     return out

@@ -359,7 +359,8 @@ class QwenImagePipeline:
     # ------------------------------------------------------------------ modulation over a schedule
     def _can_release_modulation(self) -> bool:
         """The modulation weights may be dropped when they can be read again: from the checkpoint, or from a
-        builder function. Quantized transformers keep theirs (8-bit, and re-quantizing on reload is not exact)."""
+        builder function. Quantized transformers keep theirs (8-bit): putting them back would mean quantizing them
+        again, or reading a saved quantized checkpoint's packed tensors, which `restore_modulation` does not do."""
         return (
             self.switches.schedule_modulation and not self.quantize and (self.folder is not None or self._rebuildable)
         )
@@ -389,9 +390,7 @@ class QwenImagePipeline:
         self._schedule = None
         if model.modulation_released:
             self._restore_modulation(model)
-        # diffusers: timestep = t.to(latents.dtype) / 1000, so sigma is rounded through 1000*sigma in the dtype
-        sigmas = mx.array([float(t) for t in timesteps], dtype=mx.float32).astype(self.dtype) / 1000
-        temb = model.time_text_embed(sigmas, self.dtype)
+        temb = model.time_text_embed(model_sigmas(timesteps, self.dtype), self.dtype)
         mx.eval(temb)
         blocks = []
         for i, block in enumerate(model.transformer_blocks):
@@ -519,9 +518,10 @@ class QwenImagePipeline:
                 if (i + 1) % k == 0:
                     mx.eval(img, txt)
 
+        sigmas = model_sigmas(timesteps, latents.dtype)
         x = latents
-        for i, t in enumerate(timesteps):
-            sigma = mx.array([float(t)], dtype=mx.float32).astype(x.dtype) / 1000
+        for i in range(len(timesteps)):
+            sigma = sigmas[i : i + 1]
             mods = None if table is None else step_modulations(table, i)
             if batched:
                 v = model(mx.concatenate([x, x]), text, sigma, grid, mask, mods=mods, block_hook=hook)
@@ -707,6 +707,12 @@ class QwenImagePipeline:
             self._schedule = None
         _save_sharded(model.diffusers_weights(), tdir, max_shard_size)
         return out
+
+
+def model_sigmas(timesteps, dtype: mx.Dtype) -> mx.array:
+    """The sigmas the transformer sees, (S,): diffusers passes timestep = t.to(latents.dtype) / 1000, so sigma is
+    rounded through 1000*sigma in the dtype (bfloat16: 989.70 -> 988)."""
+    return mx.array([float(t) for t in timesteps], dtype=mx.float32).astype(dtype) / 1000
 
 
 # "auto" memory limit: the bytes held once the weights are in, plus this. MLX may go past a limit (it is a

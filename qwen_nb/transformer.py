@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .attention import JointAttention, joint_key_mask
+from .attention import FUSED_PROJECTIONS, JointAttention, joint_key_mask, split_rows
 from .rmsnorm import RMSNorm
 from .rope import build_rope_table, rope_table
 from .switches import Switches
@@ -199,13 +199,6 @@ class AdaLayerNormContinuous(nn.Module):
         return (modulate_fused if sw.fused_modulation else modulate)(x, shift, scale)
 
 
-_FUSED_NAMES = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
-
-
-def _is_modulation(name: str) -> bool:
-    return ".img_mod." in name or ".txt_mod." in name or name.startswith(("norm_out.linear.", "time_text_embed."))
-
-
 def _call_block(block, img, txt, mod, rope, mask):
     return block(img, txt, mod, rope, mask)
 
@@ -290,7 +283,6 @@ class QwenImageTransformer(nn.Module):
             b = self.transformer_blocks[i]
             b.img_mod, b.txt_mod = [], []
         if blocks is None:
-            self.norm_out.linear = None
             delattr(self.norm_out, "linear")
             delattr(self, "time_text_embed")
 
@@ -325,11 +317,10 @@ class QwenImageTransformer(nn.Module):
         """The parameters under the checkpoint's (diffusers') names: fused q/k/v split back into three."""
         out = {}
         for k, v in tree_flatten(self.parameters()):
-            for fused, names in _FUSED_NAMES.items():
+            for fused, names in FUSED_PROJECTIONS.items():
                 if f".{fused}." in k:
-                    n = v.shape[0] // 3
-                    for i, name in enumerate(names):
-                        out[k.replace(f".{fused}.", f".{name}.")] = v[i * n : (i + 1) * n]
+                    for name, rows in zip(names, split_rows(v, len(names))):
+                        out[k.replace(f".{fused}.", f".{name}.")] = rows
                     break
             else:
                 out[k] = v
