@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -70,30 +69,6 @@ def build(config: TransformerConfig, dtype, bits: int | None = None) -> QwenImag
     return model
 
 
-def time_prepared(variants: dict, repeats: int, warmup: int) -> dict:
-    """common.time_variants, with each variant a (prepare, fn) pair: prepare() (setting the model's switches, a
-    walk over ~1000 modules that takes milliseconds) runs before each call, outside the timed region."""
-    for prep, fn in variants.values():
-        for _ in range(warmup):
-            prep()
-            sync(fn())
-    times = {k: [] for k in variants}
-    peaks = {k: 0.0 for k in variants}
-    for _ in range(repeats):
-        for name, (prep, fn) in variants.items():
-            prep()
-            gc.collect()
-            mx.reset_peak_memory()
-            t = time.perf_counter()
-            sync(fn())
-            times[name].append(time.perf_counter() - t)
-            peaks[name] = max(peaks[name], mx.get_peak_memory() / 1e9)
-    return {
-        k: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v, "peak_gb": round(peaks[k], 3)}
-        for k, v in times.items()
-    }
-
-
 def max_diff(a, b) -> float:
     a = mx.concatenate([x.reshape(-1) for x in a]) if isinstance(a, (list, tuple)) else a
     b = mx.concatenate([x.reshape(-1) for x in b]) if isinstance(b, (list, tuple)) else b
@@ -105,16 +80,17 @@ def run_section(section: str, variants: dict, flops: dict, a, reference: str | N
     """Check each variant once (a failure is recorded and the variant dropped), then time the rest side by side.
     `variants`: name -> fn, or (prepare, fn) when `prepared`. Returns (results, errors)."""
     results, errors, outs = {}, {}, {}
-    ok = {}
+    ok, preps = {}, {}
     for name, v in variants.items():
         prep, fn = v if prepared else ((lambda: None), v)
+        preps[name] = prep
         t = time.perf_counter()
         try:
             prep()
             out = fn()
             sync(out)
             outs[name] = out
-            ok[name] = v
+            ok[name] = fn
             print(f"  {section}/{name}: first call {time.perf_counter() - t:.2f} s; {gb()}", flush=True)
         except Exception as e:  # noqa: BLE001 - one failing variant must not end a one-shot GPU run
             errors[f"{section}/{name}"] = f"{type(e).__name__}: {e}"
@@ -126,14 +102,13 @@ def run_section(section: str, variants: dict, flops: dict, a, reference: str | N
     gc.collect()
     t = time.perf_counter()
     try:
-        timed = time_prepared(ok, a.repeats, a.warmup - 1) if prepared else time_variants(ok, a.repeats, a.warmup - 1)
+        timed = time_variants(ok, a.repeats, a.warmup - 1, prepare=preps)
     except Exception as e:  # noqa: BLE001 - fall back to one variant at a time
         print(f"  {section}: side-by-side timing failed ({type(e).__name__}: {e}); one at a time", flush=True)
         timed = {}
-        for name, v in ok.items():
+        for name, fn in ok.items():
             try:
-                one = {name: v}
-                timed.update(time_prepared(one, a.repeats, 0) if prepared else time_variants(one, a.repeats, 0))
+                timed.update(time_variants({name: fn}, a.repeats, 0, prepare=preps))
             except Exception as e2:  # noqa: BLE001
                 errors[f"{section}/{name}"] = f"{type(e2).__name__}: {e2}"
     print(f"  {section}: timed {len(timed)} variants in {time.perf_counter() - t:.1f} s", flush=True)
@@ -415,37 +390,15 @@ def main():
         (h, w),
     )
     mx.eval(inputs[:3])
-    for section in ("forward", "cfg"):
+
+    def run(section: str, body) -> None:
+        """One section: body() -> (results, errors); a failure is recorded, the report rewritten either way."""
         if section not in only:
-            continue
-        t = time.perf_counter()
-        print(f"\n== {section} ==", flush=True)
-        try:
-            model = model or build(config, a.dtype)
-            if section == "forward":
-                r, e = forward_section(model, inputs, a)
-            else:
-                r, e = cfg_section(model, a)
-            results.update(r)
-            errors.update(e)
-        except Exception as e:  # noqa: BLE001
-            errors[section] = f"{type(e).__name__}: {e}"
-            print(f"{section} FAILED: {errors[section]}", flush=True)
-        extra["section_seconds"][section] = round(time.perf_counter() - t, 1)
-        print(f"== {section}: {extra['section_seconds'][section]} s; report {report()}", flush=True)
-    model = None  # the bfloat16 model goes before any other is built
-    gc.collect()
-    mx.clear_cache()
-    for section in ("quant", "peers"):
-        if section not in only:
-            continue
+            return
         t = time.perf_counter()
         print(f"\n== {section} ({gb()}) ==", flush=True)
         try:
-            if section == "quant":
-                r, e = quant_section(config, inputs, a)
-            else:
-                r, e, extra["peers"] = peers_section(a)
+            r, e = body()
             results.update(r)
             errors.update(e)
         except Exception as e:  # noqa: BLE001
@@ -453,6 +406,24 @@ def main():
             print(f"{section} FAILED: {errors[section]}", flush=True)
         extra["section_seconds"][section] = round(time.perf_counter() - t, 1)
         print(f"== {section}: {extra['section_seconds'][section]} s; report {report()}", flush=True)
+
+    def bf16_model():
+        nonlocal model
+        model = model or build(config, a.dtype)
+        return model
+
+    run("forward", lambda: forward_section(bf16_model(), inputs, a))
+    run("cfg", lambda: cfg_section(bf16_model(), a))
+    model = None  # the bfloat16 model goes before any other is built
+    gc.collect()
+    mx.clear_cache()
+    run("quant", lambda: quant_section(config, inputs, a))
+
+    def peers():
+        r, e, extra["peers"] = peers_section(a)
+        return r, e
+
+    run("peers", peers)
 
     print_results(results)
     print("\nspeed-up of each technique over its own baseline (seconds off / seconds on):")

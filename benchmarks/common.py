@@ -48,16 +48,20 @@ def time_call(fn, repeats: int = 5, warmup: int = 2) -> list[float]:
     return out
 
 
-def time_variants(variants: dict, repeats: int = 5, warmup: int = 2) -> dict:
+def time_variants(variants: dict, repeats: int = 5, warmup: int = 2, prepare: dict | None = None) -> dict:
     """Time several zero-argument callables side by side: warm each, then alternate them repeat by repeat so
-    drift (thermal state, other load) hits all alike. Returns {name: {median_s, min_s, times_s, peak_gb}}."""
-    for fn in variants.values():
+    drift (thermal state, other load) hits all alike. `prepare` {name: fn} runs before each call of that variant,
+    outside the timing (e.g. setting a model's switches). Returns {name: {median_s, min_s, times_s, peak_gb}}."""
+    prepare = prepare or {}
+    for name, fn in variants.items():
         for _ in range(warmup):
+            prepare.get(name, lambda: None)()
             sync(fn())
     times = {k: [] for k in variants}
     peaks = {k: 0.0 for k in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
+            prepare.get(name, lambda: None)()
             gc.collect()
             mx.reset_peak_memory()
             t = time.perf_counter()
