@@ -1,0 +1,788 @@
+"""LoRA for the transformer: diffusers' `QwenImageLoraLoaderMixin` (`load_lora_weights`, `set_adapters`,
+`unload_lora_weights`) with peft's LoRA layers, as weight updates W + s * alpha/r * B @ A.
+
+`read_lora(source)` reads a `.safetensors` LoRA (a file, a folder holding one, or a hub repo id) in any of the
+formats in circulation and names every update by the diffusers module it changes (`transformer_blocks.0.attn.to_q`,
+`transformer_blocks.3.img_mod.1`, `norm_out.linear`...):
+- diffusers / peft: `transformer.<module>.lora_A.weight` and `lora_B.weight`, alpha in peft's config
+  (the `lora_adapter_metadata` of the file), or none (alpha = rank);
+- the Lightning release and most trainers: `diffusion_model.<module>.lora_down.weight`, `lora_up.weight` and
+  `<module>.alpha`;
+- kohya / ComfyUI: `lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight` and `.alpha`, whose flattened names
+  are matched against the transformer's own module names.
+A `LoraStack` holds the LoRAs a pipeline has loaded, each with its scale, and puts them into a transformer: fused
+into the weights (`fuse`, exactly undone by `unfuse`), merged into high-precision weights before quantizing
+(`apply_to_weights`, or `fuse(..., weights=)` on a quantized model), or as low-rank matmuls beside each linear
+(`attach`, `LoRALinear`).
+"""
+
+import itertools
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import FUSED_PROJECTIONS, split_rows
+from .hub import HubError, _gb, looks_like_repo_id
+from .loading import read_header
+from .quantize import is_timestep_weight
+from .transformer import QwenImageTransformer, TransformerConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+FORMATS = (
+    "`transformer.<module>.lora_A.weight` / `lora_B.weight` (diffusers/peft), "
+    "`diffusion_model.<module>.lora_down.weight` / `lora_up.weight` / `<module>.alpha` (the Lightning release and "
+    "most trainers), or `lora_unet_<module_with_underscores>.lora_down.weight` / `.alpha` (kohya/ComfyUI)"
+)
+# key suffix -> which tensor of a module's LoRA it is
+SUFFIXES = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_A.default.weight": "down",
+    ".lora_B.default.weight": "up",
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".alpha": "alpha",
+}
+PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.")
+KOHYA_PREFIX = "lora_unet_"
+# adapters that are not a plain LoRA, by a marker in their tensor names
+OTHER_ADAPTERS = {
+    "dora_scale": "DoRA (a LoRA with a learnt magnitude per output: not W + B @ A)",
+    "lora_magnitude_vector": "DoRA (a LoRA with a learnt magnitude per output: not W + B @ A)",
+    ".lokr_": "LyCORIS LoKr (Kronecker-product factors, not B @ A)",
+    ".hada_": "LyCORIS LoHa (Hadamard-product factors, not B @ A)",
+    ".lora_B.bias": "a LoRA with a bias (peft's lora_bias=True)",
+    ".lora_up.bias": "a LoRA with a bias (peft's lora_bias=True)",
+}
+# names of other models' LoRAs, for the message when a LoRA does not fit
+OTHER_MODELS = {
+    "double_blocks": "Flux",
+    "single_blocks": "Flux",
+    "single_transformer_blocks": "Flux (diffusers names)",
+    "joint_blocks": "Stable Diffusion 3",
+    "down_blocks": "a Stable Diffusion UNet",
+    "up_blocks": "a Stable Diffusion UNet",
+    "input_blocks": "a Stable Diffusion UNet",
+    "output_blocks": "a Stable Diffusion UNet",
+    "self_attn": "Wan or another DiT",
+    "text_encoder": "a text encoder (qwen_nb applies LoRAs to the transformer only)",
+    "lora_te": "a text encoder (qwen_nb applies LoRAs to the transformer only)",
+}
+
+
+# ------------------------------------------------------------------------------------------------ module names
+def linear_shapes(config: TransformerConfig) -> dict[str, tuple[int, int]]:
+    """{diffusers module path: (out, in)} of every linear of a transformer of this config, q/k/v separate and the
+    modulation included (built lazily: no weights are made)."""
+    model = QwenImageTransformer(config)
+    return {p: tuple(m.weight.shape) for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@cache
+def _flat_names() -> tuple[dict, dict]:
+    """kohya's flattened names -> diffusers' dotted ones: ({block-local}, {top-level}), read off a one-block model."""
+    block, top = {}, {}
+    for path in reversed(linear_shapes(TransformerConfig.tiny(num_layers=1))):  # in the order they are built
+        local = path.removeprefix("transformer_blocks.0.")
+        table = block if local != path else top
+        flat = local.replace(".", "_")
+        assert flat not in table, f"two modules flatten to {flat}"
+        table[flat] = local
+    return block, top
+
+
+def _unflatten(name: str) -> str:
+    """A kohya module name (`transformer_blocks_0_attn_to_q`) as a diffusers path, or unchanged when it is none."""
+    block, top = _flat_names()
+    m = re.fullmatch(r"transformer_blocks_(\d+)_(.+)", name)
+    if m and m.group(2) in block:
+        return f"transformer_blocks.{m.group(1)}.{block[m.group(2)]}"
+    return top.get(name, name)
+
+
+def _is_qwen_linear(path: str) -> bool:
+    block, top = _flat_names()
+    m = re.fullmatch(r"transformer_blocks\.\d+\.(.+)", path)
+    return path in top.values() or (m is not None and m.group(1) in block.values())
+
+
+def _names_look_like(config: TransformerConfig) -> str:
+    block, top = _flat_names()
+    last = config.num_layers - 1
+    return (
+        f"transformer_blocks.<0..{last}>.{{{', '.join(block.values())}}} and {', '.join(top.values())}"
+        f" (e.g. transformer_blocks.0.attn.to_q, transformer_blocks.{last}.img_mod.1)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ one LoRA
+@dataclass(frozen=True)
+class LoraWeights:
+    """One module's update scale * up @ down: down (r, in), up (out, r); scale is alpha / r (peft's `scaling`)."""
+
+    down: mx.array
+    up: mx.array
+    scale: float
+    alpha: float | None = None  # as the file gives it; None: alpha = rank
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.up.shape[0], self.down.shape[1]
+
+
+@dataclass
+class LoRA:
+    """A LoRA read from a file: {diffusers module path: LoraWeights}."""
+
+    modules: dict
+    format: str
+    source: str = "<memory>"
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted(self.modules)
+
+    def delta(self, path: str, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """The (out, in) update of one module, scale * up @ down, computed in float32."""
+        w = self.modules[path]
+        return (w.scale * (w.up.astype(mx.float32) @ w.down.astype(mx.float32))).astype(dtype)
+
+    def __repr__(self) -> str:
+        ranks = sorted({w.rank for w in self.modules.values()})
+        return f"LoRA({len(self.modules)} modules, rank {'/'.join(map(str, ranks))}, {self.format}, from {self.source})"
+
+
+def _split_key(key: str):
+    """(module, kind, format) for a LoRA tensor name, or None."""
+    suffix = next((x for x in SUFFIXES if key.endswith(x)), None)
+    if suffix is None:
+        return None
+    module, kind = key[: -len(suffix)], SUFFIXES[suffix]
+    if module.startswith(KOHYA_PREFIX):
+        return _unflatten(module[len(KOHYA_PREFIX) :]), kind, "kohya"
+    for prefix in PREFIXES:
+        module = module.removeprefix(prefix)
+    fmt = None if kind == "alpha" else "diffusers" if "lora_A" in key or "lora_B" in key else "lora_down/lora_up"
+    return module, kind, fmt
+
+
+def _peft_config(metadata: dict | None) -> dict | None:
+    """The transformer's peft LoraConfig from a file's `lora_adapter_metadata`, as diffusers reads it."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    config = json.loads(raw)
+    ours = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+    return ours or config
+
+
+def _peft_scale(config: dict | None, module: str, rank: int) -> float:
+    """peft's `scaling` of one module: lora_alpha / r (or / sqrt(r) with rsLoRA), alpha_pattern first."""
+    if config is None:
+        return 1.0
+    alpha = config.get("lora_alpha", 8)  # peft's LoraConfig default
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    return alpha / (rank**0.5 if config.get("use_rslora") else rank)
+
+
+def _listing(names, limit: int = 8) -> str:
+    names = list(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def parse_lora(tensors: dict, metadata: dict | None = None, source: str = "<memory>") -> LoRA:
+    """A LoRA from its tensors (names as in the file) and the file's metadata; errors name the problem and fix."""
+    if not tensors:
+        raise ValueError(f"{source} holds no tensors at all: it is not a LoRA. Give the LoRA's .safetensors file.")
+    for marker, what in OTHER_ADAPTERS.items():
+        hits = [k for k in tensors if marker in k]
+        if hits:
+            raise ValueError(
+                f"{source} is {what}, not a plain LoRA (e.g. {hits[0]}): qwen_nb applies LoRAs, W + s * alpha/r * "
+                "B @ A. Merge it into the model with the tool that trained it, or use a plain-LoRA export."
+            )
+    config = _peft_config(metadata)
+    if config and config.get("use_dora"):
+        raise ValueError(f"{source} is a DoRA (its peft config says use_dora=true): qwen_nb applies plain LoRAs only.")
+
+    parts: dict[str, dict] = {}
+    formats, unknown = set(), []
+    for key, value in tensors.items():
+        split = _split_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        module, kind, fmt = split
+        formats.add(fmt)
+        parts.setdefault(module, {})[kind] = (key, value)
+    if not parts:
+        names = _listing(sorted(tensors), 4)
+        full = any(_is_qwen_linear(k.rsplit(".", 1)[0]) for k in tensors if k.endswith((".weight", ".bias")))
+        hint = (
+            " They look like a model's own weights (a full checkpoint or a merged model), not a LoRA: load a model "
+            "with QwenImagePipeline.from_pretrained."
+            if full
+            else ""
+        )
+        raise ValueError(
+            f"{source} holds no LoRA tensors: its {len(tensors)} tensors are named like {names}, while a LoRA's are "
+            f"{FORMATS}.{hint} Give the LoRA's own file."
+        )
+    if unknown:
+        raise ValueError(
+            f"{source} is in a format qwen_nb does not read: {len(unknown)} of its {len(tensors)} tensors are not "
+            f"LoRA tensors of a known layout ({_listing(sorted(unknown))}). The formats read are {FORMATS}. Convert "
+            "the file to one of these (the trainer's export options usually offer the diffusers or kohya layout)."
+        )
+
+    modules, problems = {}, []
+    for module, p in sorted(parts.items()):
+        if "down" not in p or "up" not in p:
+            have = " and ".join(p[k][0] for k in ("down", "up", "alpha") if k in p)
+            missing = "lora_up / lora_B" if "down" in p else "lora_down / lora_A" if "up" in p else "lora_down/lora_up"
+            problems.append(f"{have} has no {missing} partner")
+            continue
+        down, up = p["down"][1], p["up"][1]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            problems.append(
+                f"{module}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a pair (r, in) and (out, r)"
+            )
+            continue
+        alpha = None
+        if "alpha" in p:
+            a = p["alpha"][1]
+            if a.size != 1:
+                problems.append(f"{p['alpha'][0]} has shape {tuple(a.shape)}; an alpha is one number")
+                continue
+            alpha = float(a.astype(mx.float32).reshape(-1)[0].item())
+        rank = down.shape[0]
+        scale = (1.0 if alpha is None else alpha / rank) * _peft_scale(config, module, rank)
+        if alpha is None and config is not None:
+            alpha = scale * rank
+        modules[module] = LoraWeights(down, up, scale, alpha)
+    if problems:
+        raise ValueError(
+            f"{source} is incomplete or inconsistent: {_listing(problems, 6)}. Every module needs its down (A) and "
+            "up (B) matrices, and an alpha only beside them: export the LoRA again, or fetch the file again."
+        )
+    names = {"diffusers": "diffusers/peft", "lora_down/lora_up": "lora_down/lora_up", "kohya": "kohya"}
+    return LoRA(modules, " + ".join(names[f] for f in sorted(formats - {None})), source)
+
+
+# ------------------------------------------------------------------------------------------------ reading files
+def _refuse_pickle(path, why: str = "") -> None:
+    converted = Path(str(path)).with_suffix(".safetensors")
+    raise ValueError(
+        f"{path} is a pickle file{why}: unpickling runs whatever code the file holds, so qwen_nb reads LoRAs only "
+        "from .safetensors (plain tensors). Convert it once, in an environment you trust, with torch and "
+        'safetensors: python -c "import torch; from safetensors.torch import save_file; '
+        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); "
+        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{converted}')\" "
+        "(weights_only=True refuses code objects). Many LoRA pages also offer a .safetensors download."
+    )
+
+
+def read_lora_file(path) -> LoRA:
+    """A LoRA from one `.safetensors` file; a pickle file (`.bin`, `.pt`, `.ckpt`...) is refused."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        _refuse_pickle(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+        _refuse_pickle(path, f" (torch.save's format, despite its {path.suffix or 'missing'} suffix)")
+    read_header(path)  # a truncated or corrupt file is a CheckpointError naming it
+    tensors, metadata = mx.load(str(path), return_metadata=True)
+    return parse_lora(tensors, metadata, str(path))
+
+
+def _pick(candidates: list[str], where: str, weight_name, sizes: dict | None = None) -> str:
+    """The one LoRA file among `candidates` (or `weight_name`), else an error listing them."""
+    if weight_name is not None:
+        if weight_name in candidates:
+            return weight_name
+        raise FileNotFoundError(
+            f"{where} has no {weight_name}. Its .safetensors files: {_listing(candidates, 12) or 'none'}."
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise FileNotFoundError(f"{where} holds no .safetensors file: give the LoRA file itself, or its folder.")
+    shown = [f"{c} ({_gb(sizes[c])})" if sizes else c for c in candidates]
+    raise ValueError(
+        f"{where} holds {len(candidates)} .safetensors files: {_listing(shown, 12)}. Say which with "
+        f"weight_name=..., e.g. weight_name={candidates[0]!r}."
+    )
+
+
+def _folder_file(folder: Path, weight_name) -> Path:
+    if weight_name is not None and Path(weight_name).suffix.lower() in PICKLE_SUFFIXES:
+        _refuse_pickle(folder / weight_name)
+    candidates = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not candidates and weight_name is None:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            _refuse_pickle(folder / pickles[0], f" (and {folder} has no .safetensors)")
+    return folder / _pick(candidates, str(folder), weight_name)
+
+
+def _hub_file(repo_id: str, weight_name, revision, cache_dir, verbose: bool) -> Path:
+    """One LoRA file of a hub repo in the HF cache: only that file is downloaded, after stating its size."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if weight_name is not None and Path(weight_name).suffix.lower() in PICKLE_SUFFIXES:
+        _refuse_pickle(f"{repo_id}/{weight_name}")
+    if weight_name is not None:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, weight_name, cache_dir=cache_dir, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached)
+    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    if constants.HF_HUB_OFFLINE:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            snap = Path(
+                huggingface_hub.snapshot_download(
+                    repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=[]
+                )
+            )
+        except (LocalEntryNotFoundError, FileNotFoundError) as e:
+            raise FileNotFoundError(
+                f"{repo_id} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading. "
+                "Run the same call once online, or give the path of the .safetensors file."
+            ) from e
+        candidates = sorted(str(p.relative_to(snap)) for p in snap.rglob("*.safetensors"))
+        return snap / _pick(candidates, f"{repo_id} (in the cache, offline)", weight_name)
+
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = huggingface_hub.HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except GatedRepoError as e:
+        raise HubError(f"{repo_id} is gated: accept its terms on huggingface.co and log in (`hf auth login`)") from e
+    except RevisionNotFoundError as e:
+        raise FileNotFoundError(f"{repo_id} has no revision {revision!r}") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{repo_id} is not a model on the Hugging Face hub (or it is private: log in with `hf auth login`). "
+            f"For a local file or folder, give its path (e.g. ./{repo_id})."
+        ) from e
+    except Exception as e:  # the network: httpx / OS errors
+        raise HubError(
+            f"could not reach the Hugging Face hub for {repo_id} ({type(e).__name__}: {e}). Check the connection, "
+            "or give the path of a local .safetensors file; HF_HUB_OFFLINE=1 uses only what is in the cache."
+        ) from e
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings}
+    candidates = sorted(f for f in sizes if f.endswith(".safetensors"))
+    if not candidates and weight_name is None:
+        pickles = sorted(f for f in sizes if Path(f).suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            _refuse_pickle(f"{repo_id}/{pickles[0]}", f" (and {repo_id} has no .safetensors)")
+    name = _pick(candidates, repo_id, weight_name, sizes)
+    revision = info.sha or revision
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    size = sizes.get(name, 0)
+    if verbose:
+        print(f"{repo_id}: downloading {name} ({_gb(size)}) into {cache} (resumable: run again if interrupted).")
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if size > free:
+        raise HubError(
+            f"not enough disk space for {repo_id}/{name}: {_gb(size)} to download, {_gb(free)} free under {cache}. "
+            "Free some space or point HF_HUB_CACHE at a larger disk."
+        )
+    return Path(huggingface_hub.hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir))
+
+
+def read_lora(source, weight_name: str | None = None, *, revision=None, cache_dir=None, verbose: bool = True) -> LoRA:
+    """A LoRA from a `.safetensors` file, a folder holding one (or `weight_name` in it), or a hub repo id (only
+    that file is downloaded into the HF cache). Pickle formats are refused; errors name the problem and the fix."""
+    s = str(source)
+    path = Path(s).expanduser()
+    if path.is_file():
+        return read_lora_file(path)
+    if path.is_dir():
+        return read_lora_file(_folder_file(path, weight_name))
+    if path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",) or not looks_like_repo_id(s):
+        raise FileNotFoundError(
+            f"{s} does not exist. Give a LoRA's .safetensors file, a folder holding one, or a hub repo id such as "
+            "'lightx2v/Qwen-Image-Lightning' (with weight_name= when it holds several files)."
+        )
+    return read_lora_file(_hub_file(s, weight_name, revision, cache_dir, verbose))
+
+
+# ------------------------------------------------------------------------------------------------ the model side
+def _node(root, path: str):
+    """The module (or list) at a dotted path, or None."""
+    node = root
+    for part in path.split(".") if path else []:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return None
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def _set_module(root, path: str, module) -> None:
+    parent, _, name = path.rpartition(".")
+    node = _node(root, parent)
+    if isinstance(node, list):
+        node[int(name)] = module
+    else:
+        setattr(node, name, module)
+
+
+def _is_linear(m) -> bool:
+    return isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
+
+
+def _locate(model, path: str):
+    """(module path in `model`, row block, number of row blocks) of a checkpoint linear, or None when the model has
+    no such module: q/k/v fused into `to_qkv` / `add_qkv_proj` are row blocks [q; k; v] of one linear."""
+    if _is_linear(_node(model, path)):
+        return path, 0, 1
+    parent, _, name = path.rpartition(".")
+    for fused, names in FUSED_PROJECTIONS.items():
+        if name in names and _is_linear(_node(model, f"{parent}.{fused}")):
+            return f"{parent}.{fused}", names.index(name), len(names)
+    return None
+
+
+def _compute_dtype(module) -> mx.Dtype:
+    return module.scales.dtype if isinstance(module, nn.QuantizedLinear) else module.weight.dtype
+
+
+def _out_in(module) -> tuple[int, int]:
+    if isinstance(module, nn.QuantizedLinear):
+        return module.weight.shape[0], module.weight.shape[1] * 32 // module.bits
+    return tuple(module.weight.shape)
+
+
+def quantize_merged(module: nn.QuantizedLinear, weight: mx.array, delta: mx.array) -> dict:
+    """The quantized arrays (weight, scales, biases) of high-precision `weight` + `delta`, with `module`'s group
+    size, bits and mode: a LoRA merged before quantizing. The sum is made in float32 and rounded to the dtype the
+    module was quantized from (that of its scales), as loading then quantizing that weight would."""
+    merged = (weight.astype(mx.float32) + delta).astype(module.scales.dtype)
+    wq, scales, *biases = mx.quantize(merged, module.group_size, module.bits, mode=module.mode)
+    out = {"weight": wq, "scales": scales}
+    if biases and biases[0] is not None:
+        out["biases"] = biases[0]
+    return out
+
+
+class LoRALinear(nn.Module):
+    """A linear (plain or quantized) with low-rank updates beside it, as peft's unfused LoRA layer:
+    base(x) + sum_i s_i (x @ down_i^T) @ up_i^T, computed as one (x @ D^T) @ U^T with the scales in U."""
+
+    def __init__(self, base: nn.Module, downs: list, ups: list, scales: list):
+        super().__init__()
+        self.base = base
+        dtype = _compute_dtype(base)
+        self.lora_down = mx.concatenate([d.astype(mx.float32) for d in downs], axis=0).astype(dtype)  # (R, in)
+        up = [s * u.astype(mx.float32) for u, s in zip(ups, scales)]
+        self.lora_up = mx.concatenate(up, axis=1).astype(dtype)  # (out, R)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.base(x) + (x @ self.lora_down.T) @ self.lora_up.T
+
+
+_versions = itertools.count(1)
+
+
+class LoraStack:
+    """The LoRAs a pipeline has loaded, each with its scale, and what they change in a transformer.
+
+    `version` changes with every `add` and `clear` (caches of anything computed from the weights, such as a
+    schedule's modulation table, key on it). `fuse`/`attach` put the whole stack into a model (undoing what was
+    there first), `unfuse` gives the model its original arrays back (the same objects: bit for bit)."""
+
+    def __init__(self):
+        self.entries: list[tuple[LoRA, float]] = []
+        self.version = next(_versions)
+        self._saved: dict = {}  # module path -> its original arrays ({name: array}) or, attached, its base module
+        self.skipped: list[str] = []  # targets the last fuse/attach found no module for (modulation not built)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, lora: LoRA, scale: float = 1.0) -> None:
+        self.entries.append((lora, float(scale)))
+        self.version = next(_versions)
+
+    def clear(self) -> None:
+        self.entries = []
+        self.version = next(_versions)
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted({t for lora, _ in self.entries for t in lora.modules})
+
+    @property
+    def touches_modulation(self) -> bool:
+        """Whether any LoRA changes a weight that depends on sigma alone (img_mod, txt_mod, norm_out.linear, the
+        timestep embedder): a schedule's modulation table must then be computed with it."""
+        return any(is_timestep_weight(t + ".weight") for t in self.targets)
+
+    def low_rank(self, path: str) -> tuple[list, list, list]:
+        """(downs, ups, scales) of every LoRA on one module, each scale = the LoRA's scale * its alpha / r."""
+        downs, ups, scales = [], [], []
+        for lora, s in self.entries:
+            w = lora.modules.get(path)
+            if w is not None:
+                downs.append(w.down)
+                ups.append(w.up)
+                scales.append(s * w.scale)
+        return downs, ups, scales
+
+    def delta(self, path: str, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """sum_i scale_i * alpha_i / r_i * up_i @ down_i of one module, (out, in), computed in float32."""
+        downs, ups, scales = self.low_rank(path)
+        up = mx.concatenate([s * u.astype(mx.float32) for u, s in zip(ups, scales)], axis=1)
+        down = mx.concatenate([d.astype(mx.float32) for d in downs], axis=0)
+        return (up @ down).astype(dtype)
+
+    # -------------------------------------------------------------------- checks
+    def check(self, model, lora: LoRA | None = None) -> None:
+        """Raise a ValueError naming the problem and the fix unless every target of the stack (and of `lora`, one
+        about to be added) is a linear of `model` with the LoRA's shape."""
+        config = model.config
+        shapes = linear_shapes(config)
+        loras = [lo for lo, _ in self.entries] + ([lora] if lora is not None else [])
+        unknown, misfit = {}, []
+        for lo in loras:
+            for path, w in sorted(lo.modules.items()):
+                if path not in shapes:
+                    unknown.setdefault(path, lo.source)
+                elif w.shape != shapes[path]:
+                    misfit.append(
+                        f"{path} (the LoRA's update is {w.shape[0]}x{w.shape[1]}, the linear "
+                        f"{shapes[path][0]}x{shapes[path][1]})"
+                    )
+        if unknown:
+            names = sorted(unknown)
+            hints = sorted({what for n in names for key, what in OTHER_MODELS.items() if key in n})
+            blocks = [int(m.group(1)) for n in names if (m := re.match(r"transformer_blocks[._](\d+)[._]", n))]
+            if blocks and max(blocks) >= config.num_layers:
+                hints.append(f"a Qwen-Image with more blocks: this one has {config.num_layers}")
+            guess = f" They look like names of {' or '.join(hints)}." if hints else ""
+            raise ValueError(
+                f"{_listing(sorted(set(unknown.values())), 3)}: {len(names)} of the LoRA's modules are not linears "
+                f"of this Qwen-Image transformer: {_listing(names)}.{guess} This model's linears are "
+                f"{_names_look_like(config)}. Use a LoRA trained for Qwen-Image."
+            )
+        if misfit:
+            raise ValueError(
+                f"{len(misfit)} of the LoRA's modules do not fit this transformer's shapes: {_listing(misfit, 6)}. "
+                "The LoRA was trained for a model of another size (the 20B Qwen-Image, or a smaller test model): "
+                "use one trained for this model."
+            )
+        for path in {t for lo in loras for t in lo.modules}:
+            if _locate(model, path) is None and not is_timestep_weight(path + ".weight"):
+                raise ValueError(
+                    f"{path} is a linear of Qwen-Image, but this transformer has no module there: was it changed "
+                    "after loading? Load the LoRA into a transformer built from the checkpoint."
+                )
+
+    def _groups(self, model) -> dict:
+        """{module path in model: (row blocks, {row block: target})}; targets without a module go to `skipped`."""
+        groups, self.skipped = {}, []
+        for path in self.targets:
+            where = _locate(model, path)
+            if where is None:
+                self.skipped.append(path)
+                continue
+            mpath, index, parts = where
+            groups.setdefault(mpath, (parts, {}))[1][index] = path
+        return groups
+
+    # -------------------------------------------------------------------- putting it in
+    def fuse(self, model, weights: dict | None = None) -> list[str]:
+        """Add the summed updates into `model`'s weights (in float32, then rounded to the weight's dtype), after
+        undoing any earlier fuse/attach; returns the targets skipped because the model has no module for them
+        (modulation weights not built: use `apply_to_weights` where they are made). A quantized linear is
+        re-quantized from its high-precision checkpoint weight plus the update: `weights` must then hold it under
+        the checkpoint's name (`transformer_blocks.0.attn.to_q.weight`). The original arrays stay held until
+        `unfuse` (as much memory again as the weights the LoRAs touch)."""
+        self.unfuse(model)
+        for mpath, (parts, members) in self._groups(model).items():
+            module = _node(model, mpath)
+            saved = {k: v for k, v in module.items() if isinstance(v, mx.array)}
+            if isinstance(module, nn.QuantizedLinear):
+                missing = [f"{t}.weight" for t in members.values() if weights is None or f"{t}.weight" not in weights]
+                if missing:
+                    raise ValueError(
+                        f"{mpath} is quantized: a LoRA on it is merged into the high-precision weight, then quantized "
+                        f"again. Pass weights= with {_listing(missing, 3)} from the checkpoint, or use attach() to "
+                        "run the LoRA beside the quantized weights instead."
+                    )
+                names = [k for k in ("weight", "scales", "biases") if k in saved]
+                rows = {k: split_rows(saved[k], parts) for k in names}
+                for i, t in members.items():
+                    merged = quantize_merged(module, weights[f"{t}.weight"], self.delta(t))
+                    for k in names:
+                        rows[k][i] = merged[k]
+                for k in names:
+                    module[k] = rows[k][0] if parts == 1 else mx.concatenate(rows[k], axis=0)
+            else:
+                w = saved["weight"]
+                rows = split_rows(w, parts)
+                for i, t in members.items():
+                    rows[i] = (rows[i].astype(mx.float32) + self.delta(t)).astype(w.dtype)
+                module.weight = rows[0] if parts == 1 else mx.concatenate(rows, axis=0)
+            self._saved[mpath] = saved
+        return list(self.skipped)
+
+    def attach(self, model) -> list[str]:
+        """Run the LoRAs beside the linears they change (`LoRALinear`: base(x) + (x @ D^T) @ U^T), the weights
+        untouched (quantized ones included); after undoing any earlier fuse/attach. Every block gets the same
+        structure (an update of one common rank, zero where a LoRA does not touch that block), so one compiled
+        block still serves all blocks. Returns the targets skipped (see `fuse`)."""
+        self.unfuse(model)
+        groups = self._groups(model)
+        plans = {}
+        for mpath, (parts, members) in groups.items():
+            module = _node(model, mpath)
+            out, _ = _out_in(module)
+            rows = out // parts
+            downs, ups = [], []
+            for i, t in members.items():
+                d, u, s = self.low_rank(t)
+                for d_j, u_j, s_j in zip(d, u, s):
+                    full = mx.zeros((out, u_j.shape[1]), mx.float32)  # the update on its row block, zero elsewhere
+                    full[i * rows : (i + 1) * rows] = s_j * u_j.astype(mx.float32)
+                    downs.append(d_j.astype(mx.float32))
+                    ups.append(full)
+            plans[mpath] = (module, downs, ups)
+        # blocks: the same modules with the same rank in every block (zero updates where a LoRA is absent)
+        local = {}
+        for mpath, (_, downs, _) in plans.items():
+            m = re.match(r"transformer_blocks\.\d+\.(.+)", mpath)
+            if m:
+                local[m.group(1)] = max(local.get(m.group(1), 0), sum(d.shape[0] for d in downs))
+        for name, rank in local.items():
+            for i in range(len(model.transformer_blocks)):
+                mpath = f"transformer_blocks.{i}.{name}"
+                module = _node(model, mpath)
+                if module is None:
+                    continue
+                _, downs, ups = plans.get(mpath, (module, [], []))
+                have = sum(d.shape[0] for d in downs)
+                if have < rank:
+                    out, inp = _out_in(module)
+                    downs = downs + [mx.zeros((rank - have, inp), mx.float32)]
+                    ups = ups + [mx.zeros((out, rank - have), mx.float32)]
+                plans[mpath] = (module, downs, ups)
+        for mpath, (module, downs, ups) in plans.items():
+            _set_module(model, mpath, LoRALinear(module, downs, ups, [1.0] * len(ups)))
+            self._saved[mpath] = module
+        return list(self.skipped)
+
+    def unfuse(self, model) -> None:
+        """Give `model` back the arrays (or modules) `fuse`/`attach` replaced: the same objects, bit for bit."""
+        for mpath, saved in self._saved.items():
+            if isinstance(saved, nn.Module):
+                if not isinstance(_node(model, mpath), LoRALinear):
+                    raise RuntimeError(f"{mpath} is no longer the LoRA adapter attach() put there: it was replaced")
+                _set_module(model, mpath, saved)
+            else:
+                _restore_arrays(model, mpath, saved)
+        self._saved = {}
+
+    def apply_to_weights(self, weights: dict) -> dict:
+        """Checkpoint-named weights with the stack's updates added to those it targets (in float32, then rounded
+        to each weight's dtype); the others unchanged. For weights read from disk before they load: those of a
+        transformer quantized after loading (the LoRA merged before quantizing), or the modulation weights from
+        which a schedule's table is computed."""
+        out = dict(weights)
+        for t in self.targets:
+            key = f"{t}.weight"
+            if key not in out:
+                continue
+            w = out[key]
+            if not mx.issubdtype(w.dtype, mx.floating) or f"{t}.scales" in out:
+                raise ValueError(
+                    f"{key} is stored quantized ({w.dtype}): a LoRA is merged into high-precision weights. Load the "
+                    "original checkpoint (with quantize= to quantize after merging), or use attach() to run the "
+                    "LoRA beside the quantized weights."
+                )
+            out[key] = (w.astype(mx.float32) + self.delta(t)).astype(w.dtype)
+        return out
+
+
+def _restore_arrays(model, mpath: str, saved: dict) -> None:
+    """Put a module's original arrays back, also when its q/k/v were fused or split since."""
+    module = _node(model, mpath)
+    if _is_linear(module) and not isinstance(module, LoRALinear):
+        for k, v in saved.items():
+            module[k] = v
+        return
+    parent, _, name = mpath.rpartition(".")
+    if name in FUSED_PROJECTIONS:  # fused when the LoRA went in, split since
+        names = FUSED_PROJECTIONS[name]
+        for j, sub in enumerate(names):
+            part = _node(model, f"{parent}.{sub}")
+            for k, v in saved.items():
+                part[k] = split_rows(v, len(names))[j]
+        return
+    for fused, names in FUSED_PROJECTIONS.items():  # split when the LoRA went in, fused since
+        if name in names and _is_linear(_node(model, f"{parent}.{fused}")):
+            module = _node(model, f"{parent}.{fused}")
+            for k, v in saved.items():
+                rows = split_rows(module[k], len(names))
+                rows[names.index(name)] = v
+                module[k] = mx.concatenate(rows, axis=0)
+            return
+    raise RuntimeError(f"cannot restore {mpath}: the model has no module there any more")
+
+
+# ------------------------------------------------------------------------------------------------ on a pipeline
+def load_lora(pipe, source, scale: float = 1.0, weight_name: str | None = None, **read_options) -> LoRA:
+    """Read a LoRA and fuse it, with the pipeline's earlier ones, into `pipe.transformer` (a stand-in until the
+    pipeline has its own `load_lora`). Quantized linears get `attach` adapters; a LoRA on the modulation needs the
+    modulation weights in the model (schedule_modulation off)."""
+    lora = read_lora(source, weight_name, **read_options)
+    model = pipe.transformer
+    stack = pipe.__dict__.setdefault("_lora_stack", LoraStack())
+    stack.check(model, lora)
+    absent = [t for t in lora.targets if _locate(model, t) is None]
+    if absent:
+        raise ValueError(
+            f"this transformer does not hold {_listing(absent, 3)} (its modulation is computed up front and its "
+            "weights released): load the pipeline with schedule_modulation off to use a LoRA on the modulation"
+        )
+    stack.add(lora, scale)
+    places = [_locate(model, t) for t in stack.targets]
+    if any(isinstance(_node(model, mpath), nn.QuantizedLinear) for mpath, _, _ in places):
+        stack.attach(model)
+    else:
+        stack.fuse(model)
+    return lora
+
+
+def unload_lora(pipe) -> None:
+    """Undo every `load_lora`: the transformer's original weights, bit for bit."""
+    stack = pipe.__dict__.get("_lora_stack")
+    if stack is not None:
+        stack.unfuse(pipe.transformer)
+        stack.clear()
