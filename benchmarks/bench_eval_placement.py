@@ -30,8 +30,8 @@ import peers as peer_lib
 from bench_transformer import build, device_kind, gb
 from common import time_variants, write_report
 
-from qwen_nb.pipeline import model_sigmas
-from qwen_nb.scheduler import FlowMatchEulerScheduler, cfg_combine
+from qwen_nb.sampling import Schedule, denoise, eval_every_blocks
+from qwen_nb.scheduler import SchedulerConfig
 from qwen_nb.transformer import TransformerConfig
 
 CFG_SCALE = 4.0
@@ -49,21 +49,17 @@ def policy_names(every: int) -> dict:
 
 
 def make_denoise(model, noise, cond, uncond, grid, steps: int, every: int):
-    """The CFG loop with mx.eval placed by a policy key; returns the final latents (evaluated)."""
-    scheduler = FlowMatchEulerScheduler()
-    sigmas = model_sigmas(scheduler.set_timesteps(steps, grid[0] * grid[1]), noise.dtype)  # as the pipeline's
-    hooks = {
-        "per_block": lambda i, img, txt: mx.eval(img, txt),
-        "every_k": lambda i, img, txt: mx.eval(img, txt) if (i + 1) % every == 0 else None,
-    }
+    """The package's CFG loop (qwen_nb.sampling.denoise) with mx.eval placed by a policy key at the caller: the
+    loop is the same generator for every policy; returns the final latents (evaluated)."""
+    schedule = Schedule.make(SchedulerConfig(), steps, grid[0] * grid[1])
+    hooks = {"per_block": eval_every_blocks(1), "every_k": eval_every_blocks(every)}
 
-    def denoise(policy):
-        hook = hooks.get(policy)
-        x = noise
-        for i in range(sigmas.size):
-            c = model(x, cond, sigmas[i : i + 1], grid, block_hook=hook)
-            u = model(x, uncond, sigmas[i : i + 1], grid, block_hook=hook)
-            x = scheduler.step(cfg_combine(c, u, CFG_SCALE), i, x)
+    def run(policy):
+        loop = denoise(
+            model, noise, (cond, None), schedule=schedule, grid=grid, negative=(uncond, None), cfg_scale=CFG_SCALE,
+            block_hook=hooks.get(policy),
+        )  # fmt: skip
+        for x in loop:
             if policy in ("per_step", "per_block", "every_k"):
                 mx.eval(x)
             elif policy == "async":
@@ -71,7 +67,7 @@ def make_denoise(model, noise, cond, uncond, grid, steps: int, every: int):
         mx.eval(x)  # "at_end" evaluates only here
         return x
 
-    return denoise
+    return run
 
 
 def main():

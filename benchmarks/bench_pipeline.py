@@ -93,8 +93,8 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
 
     # Random weights, built lazily and cast before anything is evaluated: no float32 copy ever exists. The
     # builders run again when the pipeline frees a model and needs it back (sequenced memory).
-    def transformer():
-        m = QwenImageTransformer(TransformerConfig(**sizes["transformer"]))
+    def transformer(modulation=True):  # the pipeline builds it without its modulation weights (schedule_modulation)
+        m = QwenImageTransformer(TransformerConfig(**sizes["transformer"]), modulation=modulation)
         m.set_dtype(dtype)
         return m
 

@@ -131,6 +131,8 @@ def main():
     else:
         model.set_dtype(dtype)  # before the first eval: the random float32 weights are never materialised
     mx.eval(model.parameters())
+    plain = AutoencoderKLQwenImage(config, subpixel=False)  # the same weights, upsampling the plain way
+    plain.update(model.parameters())
 
     results, parity = {}, {}
     for size in sizes:
@@ -138,14 +140,10 @@ def main():
         z = mx.random.normal((1, h, w, config.z_dim), key=mx.random.key(size)).astype(dtype)
         mx.eval(z)
 
-        def plain_upsample(z=z):
-            qvae.Upsample.subpixel = False
-            try:
-                return model.decode(z)
-            finally:
-                qvae.Upsample.subpixel = True
-
-        variants = {f"{size} qwen_nb": lambda z=z: model.decode(z), f"{size} qwen_nb plain upsample": plain_upsample}
+        variants = {
+            f"{size} qwen_nb": lambda z=z: model.decode(z),
+            f"{size} qwen_nb plain upsample": lambda z=z: plain.decode(z),
+        }
         for tile in tiles:
             variants[f"{size} qwen_nb tiled {tile}"] = lambda z=z, tile=tile: model.decode(
                 z, tile=tile, overlap=overlap

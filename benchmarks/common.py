@@ -6,15 +6,14 @@ per-variant median seconds and peak memory) plus a bar chart next to it.
 """
 
 import datetime
-import gc
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import mlx.core as mx
+
+from qwen_nb.timing import sync, time_variants  # noqa: F401 (the benchmarks import them from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets" / "bench"
@@ -28,50 +27,6 @@ def device_name() -> str:
     if kind == "cpu":
         name = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     return f"{name} ({kind})"
-
-
-def sync(*arrays):
-    """Evaluate and wait: `mx.eval` blocks until the device has finished."""
-    mx.eval(*arrays)
-    mx.synchronize()
-
-
-def time_call(fn, repeats: int = 5, warmup: int = 2) -> list[float]:
-    """Seconds per call of fn() (which returns arrays to evaluate), after warm-up."""
-    for _ in range(warmup):
-        sync(fn())
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sync(fn())
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def time_variants(variants: dict, repeats: int = 5, warmup: int = 2, prepare: dict | None = None) -> dict:
-    """Time several zero-argument callables side by side: warm each, then alternate them repeat by repeat so
-    drift (thermal state, other load) hits all alike. `prepare` {name: fn} runs before each call of that variant,
-    outside the timing (e.g. setting a model's switches). Returns {name: {median_s, min_s, times_s, peak_gb}}."""
-    prepare = prepare or {}
-    for name, fn in variants.items():
-        for _ in range(warmup):
-            prepare.get(name, lambda: None)()
-            sync(fn())
-    times = {k: [] for k in variants}
-    peaks = {k: 0.0 for k in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            prepare.get(name, lambda: None)()
-            gc.collect()
-            mx.reset_peak_memory()
-            t = time.perf_counter()
-            sync(fn())
-            times[name].append(time.perf_counter() - t)
-            peaks[name] = max(peaks[name], mx.get_peak_memory() / 1e9)
-    return {
-        k: {"median_s": statistics.median(v), "min_s": min(v), "times_s": v, "peak_gb": round(peaks[k], 3)}
-        for k, v in times.items()
-    }
 
 
 def write_report(name: str, config: dict, results: dict, notes: str = "", out_dir: Path | None = None) -> Path:

@@ -2,12 +2,15 @@
 
 Each subcommand is a function `add_<name>(subparsers)` that registers its parser and sets `func`; `main` dispatches.
 Errors a user can fix (a size, a missing file, memory) print one message and exit with status 2, no traceback.
+On Linux the command restarts itself once with OpenBLAS preloaded when it is installed (qwen_nb.blas).
 """
 
 import argparse
 import os
 import sys
 from pathlib import Path
+
+from . import blas
 
 DEFAULT_MODEL = "Qwen/Qwen-Image"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -24,6 +27,22 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size takes WIDTHxHEIGHT in pixels, e.g. 1328x1328, not {text!r}") from None
     return w, h
+
+
+def parse_seed(text: str) -> int:
+    from .pipeline import MAX_SEED
+
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed takes a whole number from 0 to 2**64 - 1, not {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"--seed must be from 0 to 2**64 - 1 ({MAX_SEED}), got {seed}")
+    return seed
+
+
+def default_model() -> str:
+    return os.environ.get("QWEN_NB_WEIGHTS", "").strip() or DEFAULT_MODEL
 
 
 def parse_memory_limit(text: str):
@@ -48,10 +67,19 @@ def add_generate(subparsers) -> None:
     )
     p.add_argument("--prompt", required=True, help="what the image shows")
     p.add_argument("--out", required=True, type=Path, help="image file to write (.png, .jpg, .webp)")
-    p.add_argument("--model", default=os.environ.get("QWEN_NB_WEIGHTS", DEFAULT_MODEL), help="hub id or folder")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"hub id or folder (default: $QWEN_NB_WEIGHTS, else {DEFAULT_MODEL}; the embedded demo model, no "
+        "download: assets/demo)",
+    )
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20; the model card uses 50)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024)")
+    size.add_argument(
+        "--size",
+        type=parse_size,
+        help="WIDTHxHEIGHT, multiples of 16 (default: the checkpoint's native size: 1024x1024 for Qwen-Image)",
+    )
     size.add_argument(
         "--aspect",
         choices=list(ASPECTS),
@@ -59,9 +87,16 @@ def add_generate(subparsers) -> None:
     )
     p.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (default 4.0; <= 1 turns CFG off)")
     p.add_argument("--negative", default=" ", help="negative prompt (default ' ', the model card's)")
-    p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
+    p.add_argument(
+        "--seed", type=parse_seed, default=None, help="noise seed, 0 to 2**64 - 1 (default: random, printed)"
+    )
     p.add_argument("--quantize", type=int, default=None, help="quantize the transformer to 8 or 4 bits")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="default: float32 on a CPU (bfloat16 matmuls are ~3x slower there), bfloat16 on a GPU",
+    )
     p.add_argument("--keep-text-encoder", action="store_true", help="keep the text encoder resident")
     p.add_argument("--no-memory-check", action="store_true", help="load even when the memory plan says no")
     p.add_argument(
@@ -70,7 +105,7 @@ def add_generate(subparsers) -> None:
         default="auto",
         help="MLX's memory limit while generating: GB, 'auto' (the weights held + 2 GB; default) or 'none'",
     )
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--force", action="store_true", help="overwrite --out (and its preview file) if they exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar or plan")
     p.add_argument(
         "--preview-every",
@@ -82,6 +117,11 @@ def add_generate(subparsers) -> None:
     p.set_defaults(func=run_generate)
 
 
+def check_new_file(path: Path, force: bool, what: str) -> None:
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists; nothing was written. Choose another {what}, or add --force to replace it.")
+
+
 def run_generate(args) -> int:
     import mlx.core as mx
 
@@ -90,26 +130,30 @@ def run_generate(args) -> int:
     out = args.out.expanduser()
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise UsageError(f"--out {out} should end in one of {', '.join(IMAGE_SUFFIXES)}")
-    if out.exists() and not args.force:
-        raise UsageError(f"{out} exists; nothing was written. Choose another --out, or add --force to replace it.")
+    check_new_file(out, args.force, "--out")
     if not out.parent.exists():
         raise UsageError(f"the folder {out.parent} does not exist: create it first")
-    width, height = args.size or ASPECTS.get(args.aspect) or (1024, 1024)
-    check_size(height, width)  # before the model loads
+    size = args.size or ASPECTS.get(args.aspect)
+    if size is not None:
+        check_size(size[1], size[0])  # before the model loads
     if args.preview_every is not None and args.preview_every < 1:
         raise UsageError(f"--preview-every takes a number of steps >= 1, got {args.preview_every}")
     preview_path = out.with_name(out.stem + ".preview.png")
+    if args.preview_every is not None:
+        check_new_file(preview_path, args.force, "--out (the preview goes to NAME.preview.png)")
 
+    model = args.model or default_model()  # offline, the hub's error names the embedded demo model
     pipe = QwenImagePipeline.from_pretrained(
-        args.model,
-        dtype=getattr(mx, args.dtype),
+        model,
+        dtype=None if args.dtype is None else getattr(mx, args.dtype),
         quantize=args.quantize,
         keep_text_encoder=True if args.keep_text_encoder else None,
         check_memory=not args.no_memory_check,
-        plan_size=(height, width),
+        plan_size=None if size is None else (size[1], size[0]),
         verbose=not args.quiet,
         memory_limit_gb=args.memory_limit_gb,
     )
+    width, height = size if size is not None else pipe.native_size[::-1]
     try:
         image = pipe.generate(
             args.prompt,
@@ -135,7 +179,7 @@ def run_generate(args) -> int:
         info.add_text(
             "parameters",
             f"{args.prompt}\nNegative prompt: {args.negative}\nSteps: {args.steps}, CFG: {args.cfg}, "
-            f"Seed: {stats.seed}, Size: {width}x{height}, Model: {args.model}",
+            f"Seed: {stats.seed}, Size: {width}x{height}, Model: {model}",
         )
     if info is not None:
         image.save(out, pnginfo=info)
@@ -152,27 +196,55 @@ def add_course(subparsers) -> None:
     p = subparsers.add_parser(
         "course",
         help="run the notebook series (or some of it) top to bottom and save the outputs",
-        description="Run the course notebooks in fresh kernels and save their outputs: on the embedded demo model "
-        "by default, on the real one with QWEN_NB_WEIGHTS=Qwen/Qwen-Image (or a folder).",
+        description="Run the course notebooks in fresh kernels and save their outputs (--no-save: only run them): "
+        "on the embedded demo model by default, on the real one with QWEN_NB_WEIGHTS=Qwen/Qwen-Image (or a folder).",
     )
-    from .course import add_arguments
+    from .course_runner import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=run_course)
 
 
 def run_course(args) -> int:
-    from .course import run_from_args
+    from .course_runner import run_from_args
 
     return run_from_args(args)
 
 
+def add_lab(subparsers) -> None:
+    p = subparsers.add_parser(
+        "lab",
+        help="open the notebooks in JupyterLab (with OpenBLAS preloaded in its kernels on Linux)",
+        description="Start JupyterLab on the notebooks folder; extra arguments go to `jupyter lab`. On Linux its "
+        "kernels get OpenBLAS preloaded when it is installed, as `course` does.",
+    )
+    p.add_argument("lab_args", nargs=argparse.REMAINDER, help="arguments for jupyter lab (e.g. --no-browser)")
+    p.set_defaults(func=run_lab)
+
+
+def run_lab(args) -> int:
+    import subprocess
+
+    from .course import NOTEBOOKS
+
+    if not any(a.startswith("--notebook-dir") or a.startswith("--ServerApp.root_dir") for a in args.lab_args):
+        args.lab_args = [f"--ServerApp.root_dir={NOTEBOOKS}", *args.lab_args]
+    return subprocess.call([sys.executable, "-m", "jupyterlab", *args.lab_args], env=blas.environment())
+
+
+def program_name() -> str:
+    """How the user called us: `qwen-nb` (the console script) or `python -m qwen_nb`."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m qwen_nb" if name in ("", "__main__.py", "-c") else name
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qwen_nb", description="Qwen-Image in MLX.")
+    parser = argparse.ArgumentParser(prog=program_name(), description="Qwen-Image in MLX.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     add_generate(subparsers)
     add_course(subparsers)
+    add_lab(subparsers)
     return parser
 
 
@@ -181,13 +253,18 @@ def main(argv=None) -> int:
     from .loading import CheckpointError
     from .memory import MemoryPlanError
 
+    if argv is None:  # a real command line: restart with OpenBLAS where that helps (it cannot be loaded later)
+        blas.restart_with_openblas()
+    import warnings
+
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (UsageError, ValueError, OSError, CheckpointError, MemoryPlanError, HubError) as e:
         print(f"error: {e}", file=sys.stderr)
-        print(f"Tip: python -m qwen_nb {args.command} --help lists the options.", file=sys.stderr)
+        print(f"Tip: {program_name()} {args.command} --help lists the options.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from .loading import CheckpointError, shard_index, weight_files
+from .text_encoder import is_language_model
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder")
@@ -37,16 +38,18 @@ LAYOUT = (
 )
 
 
+EMBEDDED = Path(__file__).resolve().parents[1] / "assets" / "demo"  # the demo model, in a clone of the repository
+
+
+def _offline_hint() -> str:
+    return f" The embedded demo model needs no download: give its folder, {EMBEDDED}." if EMBEDDED.exists() else ""
+
+
 class HubError(RuntimeError):
     """The hub could not be reached or refused the request; the message says what to do."""
 
 
-def text_encoder_keep(name: str) -> bool:
-    """The text encoder's tensors the pipeline reads: the language model, not the vision tower or lm_head."""
-    return not name.startswith(("visual.", "model.visual.", "lm_head."))
-
-
-KEEP = {"text_encoder": text_encoder_keep}
+KEEP = {"text_encoder": is_language_model}  # per component, the tensors the pipeline reads
 
 
 def looks_like_repo_id(s: str) -> bool:
@@ -163,7 +166,7 @@ def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose:
         raise FileNotFoundError(
             f"{repo_id} is not complete in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 forbids downloading "
             f"({problem}). Run the same call once online (about 58 GB for Qwen/Qwen-Image; an interrupted download "
-            "resumes), or give the folder of a local copy."
+            f"resumes), or give the folder of a local copy.{_offline_hint()}"
         ) from problem
 
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -182,7 +185,7 @@ def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose:
     except Exception as e:  # the network: httpx / OS errors
         raise HubError(
             f"could not reach the Hugging Face hub for {repo_id} ({type(e).__name__}: {e}). Check the connection, "
-            "or give the folder of a local copy; HF_HUB_OFFLINE=1 uses only what is in the cache."
+            f"or give the folder of a local copy; HF_HUB_OFFLINE=1 uses only what is in the cache.{_offline_hint()}"
         ) from e
     revision = info.sha or revision
     sizes = {s.rfilename: s.size or 0 for s in info.siblings}

@@ -3,6 +3,7 @@ use, loaded lazily with `mx.load`, and put into a model strictly with readable l
 
 import json
 import struct
+from dataclasses import fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -110,21 +111,22 @@ def _listing(keys, limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_strict(model: nn.Module, weights: dict[str, mx.array], what: str = "model") -> None:
-    """Put `weights` into `model`; every parameter must be given once with its exact shape, nothing extra."""
+def load_strict(model: nn.Module, weights: dict[str, mx.array], what: str = "model", prefix: str = "") -> None:
+    """Put `weights` into `model`; every parameter must be given once with its exact shape, nothing extra. `prefix`
+    is the model's path inside the checkpoint when it is a part of one (shown in the messages)."""
     expected = dict(tree_flatten(model.parameters()))
     missing = expected.keys() - weights.keys()
     unexpected = weights.keys() - expected.keys()
     misshaped = [
-        f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
+        f"{prefix}{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
         for k, v in expected.items()
         if k in weights and tuple(weights[k].shape) != tuple(v.shape)
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing: {_listing(prefix + k for k in missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {_listing(prefix + k for k in unexpected)}")
     if misshaped:
         problems.append(f"{len(misshaped)} with the wrong shape: {_listing(misshaped)}")
     if problems:
@@ -140,3 +142,18 @@ def read_config(folder: Path, name: str = "config.json") -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: a component folder needs its {name}")
     return json.loads(path.read_text())
+
+
+class Config:
+    """Base of the models' config dataclasses: `from_dict` takes a `config.json` dict and keeps the keys the
+    dataclass has, ignoring the rest (`_class_name`, `_diffusers_version`, keys of parts qwen_nb does not build);
+    a subclass that must refuse or translate keys does so before calling it."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_folder(cls, folder, name: str = "config.json"):
+        return cls.from_dict(read_config(folder, name))

@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from .hub import KEEP
 from .loading import read_config, read_header, weight_files
+from .quantize import GROUP_SIZE, is_timestep_weight, quantized_bits
 
 STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1}
 FLOATING = {"F64", "F32", "F16", "BF16"}
@@ -35,21 +36,7 @@ def tensor_shapes(folder: Path, keep=None) -> dict[str, tuple[str, tuple]]:
     return shapes
 
 
-def is_modulation(name: str) -> bool:
-    """The timestep-modulation linears, kept at 8 bits or more when quantizing: every block's img_mod/txt_mod and
-    the output norm's projection."""
-    return ".img_mod." in name or ".txt_mod." in name or name.startswith("norm_out.linear")
-
-
-def quantized_bits(name: str, shape: tuple, bits: int, group_size: int = 64, modulation_bits: int = 8) -> int | None:
-    """Bits a transformer tensor is quantized to, or None when it stays in full precision (biases, norms, and
-    linears whose input width is not a multiple of the group size)."""
-    if len(shape) != 2 or not name.endswith(".weight") or shape[1] % group_size:
-        return None
-    return max(bits, modulation_bits) if is_modulation(name) else bits
-
-
-def component_bytes(shapes: dict, dtype: mx.Dtype, bits: int | None = None, group_size: int = 64) -> int:
+def component_bytes(shapes: dict, dtype: mx.Dtype, bits: int | None = None, group_size: int = GROUP_SIZE) -> int:
     """Bytes of a component's tensors loaded in `dtype` (floating tensors cast, others as stored); with `bits`,
     the quantized linears at bits per weight plus a scale and a bias per group of `group_size`, in `dtype`."""
     item = dtype.size
@@ -202,15 +189,19 @@ def plan_memory(
     width: int = 1024,
     budget: int | None = None,
     group_size: int = 64,
+    schedule_modulation: bool = True,
 ) -> MemoryPlan:
-    """The plan for loading the pipeline in `folder`; `keep_text_encoder=None` picks resident when it fits."""
+    """The plan for loading the pipeline in `folder`; `keep_text_encoder=None` picks resident when it fits. With
+    `schedule_modulation` (the pipeline's default) the transformer is held without the weights that depend on sigma
+    alone: they are read a block at a time for each new schedule and never resident."""
     folder = Path(folder)
     tr_config = read_config(folder / "transformer")
     prequantized = tr_config.get("quantization")
     bits = None if prequantized else quantize
+    held = (lambda name: not is_timestep_weight(name)) if schedule_modulation else None
     components = {
         "text_encoder": component_bytes(tensor_shapes(folder / "text_encoder", KEEP["text_encoder"]), dtype),
-        "transformer": component_bytes(tensor_shapes(folder / "transformer"), dtype, bits, group_size),
+        "transformer": component_bytes(tensor_shapes(folder / "transformer", held), dtype, bits, group_size),
         "vae": component_bytes(tensor_shapes(folder / "vae"), dtype),
     }
     source = "given"
@@ -229,3 +220,50 @@ def plan_memory(
     if keep_text_encoder is None:
         plan.keep_text_encoder = budget is None or plan.resident_peak <= plan.usable
     return plan
+
+
+# "auto" memory limit: the bytes held once the weights are in, plus this. MLX may go past a limit (it is a
+# guideline), but first waits for queued work to finish and free its buffers. A 1024x1024 step needs well under a
+# gigabyte at a time; what goes past it on a GPU is work queued ahead (on an H200 a 1 GB margin stalled the queue,
+# 8.06 s instead of 6.59 s for a whole generation: assets/bench/pipeline_h200_limit_weights_plus_1gb.json).
+AUTO_LIMIT_MARGIN = 2e9
+
+
+def check_memory_limit(setting) -> None:
+    ok = setting in (None, "auto") or (
+        isinstance(setting, (int, float)) and not isinstance(setting, bool) and setting > 0
+    )
+    if not ok:
+        raise ValueError(f"memory_limit_gb must be a positive number of GB, 'auto' or None; got {setting!r}")
+
+
+class MemoryLimit:
+    """MLX's memory limit while a generation runs, restored afterwards (a context manager).
+
+    MLX queues a GPU's kernels ahead of the device and frees buffers only as they finish; under a limit it waits
+    for queued work instead of allocating more. `setting`: GB, None (MLX's own limit) or "auto": once the weights
+    are in (`weights_loaded()`), what is held plus AUTO_LIMIT_MARGIN."""
+
+    def __init__(self, setting):
+        check_memory_limit(setting)
+        self.setting = setting
+        self.previous = None
+
+    def _set(self, nbytes: float) -> None:
+        before = mx.set_memory_limit(int(nbytes))
+        if self.previous is None:
+            self.previous = before
+
+    def __enter__(self) -> "MemoryLimit":
+        if self.setting not in (None, "auto"):
+            self._set(self.setting * GB)
+        return self
+
+    def weights_loaded(self) -> None:
+        if self.setting == "auto":
+            self._set(mx.get_active_memory() + AUTO_LIMIT_MARGIN)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            mx.set_memory_limit(self.previous)
+            self.previous = None

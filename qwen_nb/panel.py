@@ -13,23 +13,18 @@ import threading
 import time
 
 from .pipeline import ASPECTS, GenerationInterrupted
-from .transformer import TransformerConfig
 
 DISPLAY_PX = 256  # the side the images are shown at
-SMALL_SIZES = {"1:1 64x64": (64, 64)}  # what the embedded demo model was trained at
 
 
 def sizes_for(pipe) -> dict[str, tuple[int, int]]:
-    """Size presets {label: (width, height)}: the model card's for the real transformer, else the small model's."""
-    if pipe.folder is not None:
-        from .loading import read_config
-
-        config = TransformerConfig.from_dict(read_config(pipe.folder / "transformer"))
-    else:
-        config = pipe.transformer.config
-    if config.dim == TransformerConfig().dim:
-        return {f"{k} {w}x{h}": (w, h) for k, (w, h) in ASPECTS.items()}
-    return dict(SMALL_SIZES)
+    """Size presets {label: (width, height)}: the one size of a checkpoint that declares it was trained at one
+    (the demo model), else its native size (1024x1024) and the model card's aspect ratios."""
+    h, w = pipe.native_size
+    native = {f"native {w}x{h}": (w, h)}
+    if pipe.sizes.native_declared:
+        return native
+    return {**native, **{f"{k} {w}x{h}": (w, h) for k, (w, h) in ASPECTS.items()}}
 
 
 def png_bytes(image) -> bytes:

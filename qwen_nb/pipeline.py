@@ -1,37 +1,55 @@
 """Prompt -> image: diffusers' `QwenImagePipeline` on the qwen_nb components.
 
 `QwenImagePipeline.from_pretrained(hub id or folder)` finds the checkpoint (qwen_nb.hub), checks it is complete,
-plans the memory (qwen_nb.memory) and reads the configs; the weights stay on disk until first used, and are
-loaded lazily and strictly. `generate(prompt)` encodes the prompt (cached), draws or takes the noise
-(1, 16, H/8, W/8), runs the flow-matching Euler loop with classifier-free guidance, decodes with the VAE and
-returns a PIL image. On a machine where the text encoder and the transformer do not fit together, the text encoder
-is freed before the transformer's weights are read (and the other way round when a new prompt needs encoding).
+plans the memory (qwen_nb.memory) and reads the configs; every size (latent channels, the VAE's factor, the patch
+size, the native picture size) comes from them. The models load lazily on first use, each with its own loader, held
+in a `ComponentStore`. `generate(prompt)` checks the request, encodes the prompt (cached), computes the schedule once
+and, from it, every step's modulation (the weights that depend on sigma alone are then never resident), runs the
+sampling loop of `qwen_nb.sampling` under the memory limit, decodes and returns a PIL image. On a machine where the
+text encoder and the transformer do not fit together, one is freed before the other is read.
 """
 
-import gc
+import inspect
 import json
 import os
-import shutil
 import time
+import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .hub import KEEP, component_weight_files, resolve
-from .loading import load_strict, read_config, read_weights
-from .memory import MemoryPlan, activation_bytes, plan_memory
-from .quantize import GROUP_SIZE, MODULATION_BITS, QuantizationReport, check_bits, quantize_transformer
-from .scheduler import FlowMatchEulerScheduler, SchedulerConfig, cfg_combine, pack_latents, unpack_latents
+from .checkpoint import save_pipeline
+from .components import ComponentStore, as_builder
+from .hub import resolve
+from .loading import read_config
+from .memory import MemoryLimit, MemoryPlan, activation_bytes, check_memory_limit, plan_memory
+from .quantize import check_bits
+from .sampling import Schedule, denoise, eval_every_blocks
+from .scheduler import SchedulerConfig, pack_latents, unpack_latents
 from .switches import Switches
-from .text_encoder import DROP_IDX, MAX_TOKENS, PROMPT_TEMPLATE, QwenTextEncoder, TextEncoderConfig, encode_prompt
+from .text_encoder import (
+    MAX_TOKENS,
+    QwenTextEncoder,
+    check_prompt_length,
+    encode_prompt,
+    load_text_encoder,
+    prompt_length,
+)
 from .tokenizer import QwenTokenizer
-from .transformer import QwenImageTransformer, TransformerConfig, step_modulations
-from .vae import load_vae, postprocess
+from .transformer import (
+    QwenImageTransformer,
+    TransformerConfig,
+    load_modulation_table,
+    load_transformer,
+    modulation_table,
+    prepare_transformer,
+)
+from .vae import VAEConfig, load_vae, postprocess
 
 # The model card's recommended sizes, (width, height).
 ASPECTS = {
@@ -43,9 +61,47 @@ ASPECTS = {
     "3:2": (1584, 1056),
     "2:3": (1056, 1584),
 }
-MULTIPLE = 16  # VAE factor 8 x 2x2 patches
-LATENT_CHANNELS = 16
+DEFAULT_SIZE = (1024, 1024)  # (height, width) for a checkpoint that does not say its native size
 DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
+MAX_SEED = 2**64 - 1
+
+
+def default_dtype() -> mx.Dtype:
+    """bfloat16 on a GPU (the checkpoint's); float32 on a CPU, where bfloat16 matmuls are ~3x slower."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _presets() -> str:
+    return ", ".join(f"{k} {w}x{h}" for k, (w, h) in ASPECTS.items())
+
+
+def check_size(height, width, multiple: int = 16) -> None:
+    """ValueError unless height and width are positive multiples of `multiple` (the VAE's factor times the patch
+    size: 16 for Qwen-Image), naming the nearest valid sizes."""
+    for name, v in (("height", height), ("width", width)):
+        if not _is_int(v):
+            raise ValueError(f"{name} must be an integer number of pixels, got {v!r}")
+        if v <= 0:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v}")
+        if v % multiple:
+            lo, hi = v // multiple * multiple, (v // multiple + 1) * multiple
+            near = f"{lo} or {hi}" if lo > 0 else f"{hi}"
+            raise ValueError(
+                f"{name} {v} is not a multiple of {multiple} (the VAE's factor x the 2x2 patches): use {near}. "
+                f"The model card's sizes (width x height): {_presets()}."
+            )
+
+
+def check_seed(seed) -> None:
+    """ValueError unless `seed` is None or an integer in 0..2**64 - 1 (what mx.random.key takes)."""
+    if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+        raise ValueError(
+            f"seed must be an integer from 0 to 2**64 - 1 ({MAX_SEED}), or None for a random one; got {seed!r}"
+        )
 
 
 class GenerationInterrupted(KeyboardInterrupt):
@@ -82,6 +138,26 @@ class GenerationStats:
     def step_s(self) -> float:
         return float(np.mean(self.step_times_s)) if self.step_times_s else 0.0
 
+    @contextmanager
+    def running(self):
+        """Around a whole generation: total time and peak memory, also when it is interrupted."""
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        try:
+            yield self
+        finally:
+            self.total_s = time.perf_counter() - start
+            self.peak_gb = mx.get_peak_memory() / 1e9
+
+    @contextmanager
+    def stage(self, name: str, seconds: str | None = None):
+        """Around one stage: its time added to the field `seconds`, the peak so far recorded under `name`."""
+        start = time.perf_counter()
+        yield
+        if seconds:
+            setattr(self, seconds, getattr(self, seconds) + time.perf_counter() - start)
+        self.stage_peaks_gb[name] = mx.get_peak_memory() / 1e9
+
     def __str__(self) -> str:
         done = len(self.step_times_s)
         what = f"{done}/{self.steps} steps (interrupted)" if self.interrupted_at is not None else f"{done} steps"
@@ -92,28 +168,104 @@ class GenerationStats:
         )
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+@dataclass
+class PipelineOptions:
+    """How a pipeline loads and runs its models; every field is a keyword of `from_pretrained`/`from_components`.
 
+    dtype: bfloat16 (the checkpoint's) or float32; None picks float32 on a CPU, bfloat16 on a GPU.
+    quantize: None, or 8 / 4 (...) bits for the transformer's linears (modulation layers at 8 bits).
+    keep_text_encoder: True keeps it resident, False frees it after each encoding, None lets the memory plan decide.
+    check_memory: refuse (naming what fits) when the memory plan does not fit.
+    max_sequence_length: prompt tokens used, at most 1024 (diffusers' default 512).
+    vae_tile: decode in tiles of this many latent pixels (bounds the decoder's memory; exact at the default overlap).
+    eval_every: evaluate every so many transformer blocks (None: once per step); bounds a GPU's queued work.
+    memory_limit_gb: MLX's memory limit while generating: GB, "auto" (the weights held + 2 GB) or None.
+    batched_cfg: CFG's two passes as one batch of two when both texts have one length.
+    schedule_modulation: every step's modulation computed before the loop; the transformer then runs without its
+        modulation weights (6.8B of 20.4B parameters), which are read block by block and never resident.
+    switches: the model's speed techniques (`Switches`)."""
 
-def _presets() -> str:
-    return ", ".join(f"{k} {w}x{h}" for k, (w, h) in ASPECTS.items())
+    dtype: mx.Dtype | None = None
+    quantize: int | None = None
+    keep_text_encoder: bool | None = None
+    check_memory: bool = True
+    max_sequence_length: int = 512
+    vae_tile: int | None = None
+    cache_size: int = 32
+    verbose: bool = True
+    eval_every: int | None = None
+    memory_limit_gb: float | str | None = "auto"
+    batched_cfg: bool = True
+    schedule_modulation: bool = True
+    switches: Switches = field(default_factory=Switches)
 
-
-def check_size(height, width) -> None:
-    """ValueError unless height and width are positive multiples of 16 (naming the nearest valid sizes)."""
-    for name, v in (("height", height), ("width", width)):
-        if not _is_int(v):
-            raise ValueError(f"{name} must be an integer number of pixels, got {v!r}")
-        if v <= 0:
-            raise ValueError(f"{name} must be a positive multiple of {MULTIPLE}, got {v}")
-        if v % MULTIPLE:
-            lo, hi = v // MULTIPLE * MULTIPLE, (v // MULTIPLE + 1) * MULTIPLE
-            near = f"{lo} or {hi}" if lo > 0 else f"{hi}"
+    def __post_init__(self):
+        if self.dtype is None:
+            self.dtype = default_dtype()
+        if self.dtype not in DTYPES.values():
             raise ValueError(
-                f"{name} {v} is not a multiple of {MULTIPLE} (8x VAE and 2x2 patches): use {near}. "
-                f"The model card's sizes (width x height): {_presets()}."
+                f"dtype must be mx.bfloat16 (the checkpoint's) or mx.float32, got {self.dtype}: float16 overflows in "
+                "Qwen-Image's activations"
             )
+        self.quantize = check_bits(self.quantize)
+        if not (_is_int(self.max_sequence_length) and 1 <= self.max_sequence_length <= MAX_TOKENS):
+            raise ValueError(
+                f"max_sequence_length must be an integer in 1..{MAX_TOKENS}, got {self.max_sequence_length}"
+            )
+        if self.eval_every is not None and (not _is_int(self.eval_every) or self.eval_every < 1):
+            raise ValueError(f"eval_every must be a number of blocks >= 1, or None; got {self.eval_every!r}")
+        if self.vae_tile is not None and (not _is_int(self.vae_tile) or self.vae_tile < 1):
+            raise ValueError(f"vae_tile must be a number of latent pixels >= 1, or None; got {self.vae_tile!r}")
+        check_memory_limit(self.memory_limit_gb)
+        self.switches = self.switches or Switches()
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The checkpoint's sizes that shape a generation: latent channels (the VAE's z_dim = the transformer's
+    in_channels / patch_size**2), the VAE's spatial factor, the transformer's patch size, the native picture."""
+
+    latent_channels: int = 16
+    vae_factor: int = 8
+    patch: int = 2
+    native: tuple = DEFAULT_SIZE  # (height, width)
+    native_declared: bool = False  # the checkpoint says it was trained at `native` only
+
+    @classmethod
+    def read(cls, transformer: TransformerConfig, vae: VAEConfig, native=None) -> "Sizes":
+        if transformer.latent_channels != vae.z_dim:
+            raise ValueError(
+                f"the transformer takes {transformer.in_channels} channels = {transformer.patch_size}^2 patches x "
+                f"{transformer.latent_channels} latent channels, but the VAE's z_dim is {vae.z_dim}: the two are "
+                "not from one checkpoint"
+            )
+        if transformer.out_channels != vae.z_dim:
+            raise ValueError(
+                f"the transformer predicts {transformer.out_channels} latent channels, but the VAE's z_dim is "
+                f"{vae.z_dim}: the two are not from one checkpoint"
+            )
+        size = DEFAULT_SIZE if native is None else tuple(int(v) for v in native)
+        return cls(vae.z_dim, vae.scale_factor, transformer.patch_size, size, native is not None)
+
+    @property
+    def multiple(self) -> int:
+        return self.vae_factor * self.patch
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.multiple, width // self.multiple
+
+    def noise_shape(self, height: int, width: int) -> tuple:
+        return (1, self.latent_channels, height // self.vae_factor, width // self.vae_factor)
+
+
+def native_size(folder: Path):
+    """(height, width) a checkpoint declares in model_index.json as `_native_size`, or None."""
+    value = json.loads((folder / "model_index.json").read_text()).get("_native_size")
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value)):
+        raise ValueError(f"{folder / 'model_index.json'}: _native_size must be [height, width], got {value!r}")
+    return tuple(value)
 
 
 class QwenImagePipeline:
@@ -122,130 +274,116 @@ class QwenImagePipeline:
     def __init__(
         self,
         tokenizer: QwenTokenizer,
-        scheduler_config: SchedulerConfig | None = None,
+        scheduler_config: SchedulerConfig,
+        store: ComponentStore,
+        options: PipelineOptions,
+        sizes: Sizes,
         *,
         folder: Path | None = None,
-        builders: dict | None = None,
-        dtype: mx.Dtype = mx.bfloat16,
-        quantize: int | None = None,
         plan: MemoryPlan | None = None,
-        keep_text_encoder: bool = True,
-        check_memory: bool = True,
-        switches: Switches | None = None,
-        max_sequence_length: int = 512,
-        vae_tile: int | None = None,
-        cache_size: int = 32,
-        verbose: bool = True,
-        eval_every: int | None = None,
-        memory_limit_gb: float | str | None = "auto",
+        read_modulation=None,
     ):
-        """Use `from_pretrained` (a checkpoint) or `from_components` (models in memory)."""
+        """Use `from_pretrained` (a checkpoint) or `from_components` (models in memory). `read_modulation(sigmas)`
+        gives a schedule's ModulationTable without the denoising transformer (None: the transformer has its own)."""
         self.tokenizer = tokenizer
-        self.scheduler_config = scheduler_config or SchedulerConfig()
-        self.folder = None if folder is None else Path(folder)
-        self._builders = builders or {}
-        self.dtype = dtype
-        self.quantize = check_bits(quantize)
+        self.scheduler_config = scheduler_config
+        self.components = store
+        self.options = options
+        self.sizes = sizes
+        self.folder = folder
         self.memory_plan = plan
-        self.keep_text_encoder = keep_text_encoder
-        self.check_memory = check_memory
-        self.switches = switches or Switches()
-        self.max_sequence_length = max_sequence_length
-        self.vae_tile = vae_tile
-        self.verbose = verbose
-        # mx.eval after every this many transformer blocks (None: once per step). On a GPU, MLX queues a whole
-        # step's kernels ahead of the device, and buffers are freed only as the kernels finish: at 1024x1024 a
-        # step holds ~9 GB of activations in flight; evaluating every few blocks bounds that, for some speed.
-        if eval_every is not None and (not _is_int(eval_every) or eval_every < 1):
-            raise ValueError(f"eval_every must be a number of blocks >= 1, or None; got {eval_every!r}")
-        self.eval_every = eval_every
-        # mx.set_memory_limit while generating: GB, "auto" (the weights held once loaded + AUTO_LIMIT_MARGIN) or
-        # None (MLX's default). On an H200 at 1024x1024, 29 GB kept the whole generation at 29.5 GB instead of
-        # 37 GB, and no slower (assets/bench/pipeline_h200_memory_limit29.json).
-        ok = memory_limit_gb in (None, "auto") or (
-            isinstance(memory_limit_gb, (int, float)) and not isinstance(memory_limit_gb, bool) and memory_limit_gb > 0
-        )
-        if not ok:
-            raise ValueError(
-                f"memory_limit_gb must be a positive number of GB, 'auto' or None; got {memory_limit_gb!r}"
-            )
-        self.memory_limit_gb = memory_limit_gb
-        self.quantization: QuantizationReport | None = None
+        self._read_modulation = read_modulation
+        self.quantization = None  # the QuantizationReport, once the transformer is built quantized
         self.last_stats: GenerationStats | None = None
         self._cache: OrderedDict = OrderedDict()
-        self._cache_size = cache_size
-        self._transformer = None
-        self._text_encoder = None
-        self._vae = None
-        self._schedule: tuple | None = None  # (key, modulations of every step) of the last schedule
-        self._rebuildable = False  # from_components got a function that builds the transformer again
+        self._table: tuple | None = None  # (key, ModulationTable) of the last schedule
+        self._warned_size = False
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(
         cls,
         repo_id_or_folder,
-        dtype: mx.Dtype = mx.bfloat16,
+        dtype: mx.Dtype | None = None,
         quantize: int | None = None,
         *,
-        keep_text_encoder: bool | None = None,
-        check_memory: bool = True,
+        scheduler_config: dict | None = None,
         revision: str | None = None,
         cache_dir=None,
-        switches: Switches | None = None,
-        max_sequence_length: int = 512,
-        vae_tile: int | None = None,
-        plan_size: tuple[int, int] = (1024, 1024),
-        verbose: bool = True,
-        eval_every: int | None = None,
-        memory_limit_gb: float | str | None = "auto",
+        plan_size: tuple[int, int] | None = None,
+        **options,
     ) -> "QwenImagePipeline":
         """A pipeline from a hub id (downloaded into the HF cache, only the needed files) or a diffusers folder.
 
-        `dtype`: bfloat16 (the checkpoint's) or float32. `quantize`: None, 8 or 4 (the transformer's linears;
-        modulation layers at 8 bits). `keep_text_encoder`: None lets the memory plan decide, True keeps it
-        resident, False frees it after each encoding. `check_memory=False` skips the refusal when the plan does
-        not fit; `plan_size` (height, width) is the image size the plan is made for (generate() checks again
-        at other sizes). `eval_every`: evaluate every so many transformer blocks, and `memory_limit_gb`: let MLX wait for
-        queued work past this many GB (both bound the memory in flight on a GPU). Nothing heavy is read here: weights load lazily on first use."""
-        bits = check_bits(quantize)
-        if dtype not in DTYPES.values():
-            raise ValueError(
-                f"dtype must be mx.bfloat16 (the checkpoint's) or mx.float32, got {dtype}: float16 overflows in "
-                "Qwen-Image's activations"
-            )
-        if not (_is_int(max_sequence_length) and 1 <= max_sequence_length <= MAX_TOKENS):
-            raise ValueError(f"max_sequence_length must be an integer in 1..{MAX_TOKENS}, got {max_sequence_length}")
-        folder = resolve(repo_id_or_folder, revision=revision, cache_dir=cache_dir, verbose=verbose)
+        `dtype`: None (float32 on a CPU, bfloat16 on a GPU), bfloat16 or float32. `quantize`: None, 8 or 4.
+        `scheduler_config`: a dict of overrides merged into the checkpoint's scheduler config (e.g. a
+        distilled schedule's shifts). `plan_size` (height, width): the size the memory plan is made for (default
+        the checkpoint's native size; generate() checks again at other sizes). The other keywords are
+        `PipelineOptions`. Nothing heavy is read here: weights load lazily on first use."""
+        opts = PipelineOptions(dtype=dtype, quantize=quantize, **options)
+        folder = resolve(repo_id_or_folder, revision=revision, cache_dir=cache_dir, verbose=opts.verbose)
+        config = TransformerConfig.from_folder(folder / "transformer")
+        sizes = Sizes.read(config, VAEConfig.from_folder(folder / "vae"), native_size(folder))
         stored = read_config(folder / "transformer").get("quantization")
-        if stored and bits not in (None, stored["bits"]):
+        if stored and opts.quantize not in (None, stored["bits"]):
             raise ValueError(
                 f"{folder} holds a {stored['bits']}-bit transformer: load it with quantize=None (or "
                 f"{stored['bits']}); to change the bits, quantize the original checkpoint"
             )
-        h, w = plan_size
-        plan = plan_memory(folder, dtype, bits, keep_text_encoder, height=h, width=w)
-        if check_memory and not plan.fits:
-            alternatives = {b: plan_memory(folder, dtype, b, None, h, w, budget=plan.budget) for b in (8, 4)}
+        opts.quantize = stored["bits"] if stored else opts.quantize
+        h, w = plan_size or sizes.native
+        split = opts.schedule_modulation
+        plan = plan_memory(folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, schedule_modulation=split)
+        if opts.check_memory and not plan.fits:
+            alternatives = {
+                b: plan_memory(folder, opts.dtype, b, None, h, w, budget=plan.budget, schedule_modulation=split)
+                for b in (8, 4)
+            }
             plan.check(alternatives)
-        if verbose:
+        if opts.verbose:
             print(plan)
-        return cls(
-            QwenTokenizer.from_pretrained(folder / "tokenizer"),
-            SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json"),
-            folder=folder,
-            dtype=dtype,
-            quantize=stored["bits"] if stored else bits,
-            plan=plan,
-            keep_text_encoder=plan.keep_text_encoder,
-            check_memory=check_memory,
-            switches=switches,
-            max_sequence_length=max_sequence_length,
-            vae_tile=vae_tile,
-            verbose=verbose,
-            eval_every=eval_every,
-            memory_limit_gb=memory_limit_gb,
+        opts.keep_text_encoder = plan.keep_text_encoder
+        schedule = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json").merged(scheduler_config)
+
+        pipe = None  # the transformer's loader records its quantization report on the pipeline
+
+        def transformer():
+            model, pipe.quantization = load_transformer(
+                folder / "transformer",
+                opts.dtype,
+                opts.quantize,
+                opts.switches,
+                modulation=not opts.schedule_modulation,
+            )
+            if pipe.quantization and pipe.quantization.skipped and opts.verbose:
+                r = pipe.quantization
+                print(
+                    f"note: {len(r.skipped)} linear(s) kept in full precision (input width not a multiple of "
+                    f"{r.group_size}): {', '.join(r.skipped[:6])}"
+                )
+            return model
+
+        def read_modulation(sigmas):
+            return load_modulation_table(folder / "transformer", sigmas, opts.dtype, opts.quantize)
+
+        store = ComponentStore(
+            {
+                "transformer": transformer,
+                "text_encoder": lambda: load_text_encoder(folder / "text_encoder", opts.dtype, opts.switches),
+                "vae": lambda: load_vae(folder / "vae", opts.dtype),
+            }
         )
+        pipe = cls(
+            QwenTokenizer.from_pretrained(folder / "tokenizer"),
+            schedule,
+            store,
+            opts,
+            sizes,
+            folder=folder,
+            plan=plan,
+            read_modulation=read_modulation if opts.schedule_modulation else None,
+        )
+        return pipe
 
     @classmethod
     def from_components(
@@ -256,172 +394,96 @@ class QwenImagePipeline:
         vae,
         scheduler_config: SchedulerConfig | None = None,
         *,
-        dtype: mx.Dtype = mx.bfloat16,
-        quantize: int | None = None,
-        keep_text_encoder: bool = True,
+        native_size: tuple[int, int] | None = None,
         **options,
     ) -> "QwenImagePipeline":
-        """A pipeline from models in memory (tests, benchmarks, notebooks). `transformer`, `text_encoder` and
-        `vae` are modules, or zero-argument functions that build one: with functions the pipeline can free a
-        model and build it again, so keep_text_encoder=False sequences them as it does a checkpoint's."""
-        builders = {
-            name: (m if callable(m) and not isinstance(m, nn.Module) else (lambda m=m: m))
-            for name, m in (("transformer", transformer), ("text_encoder", text_encoder), ("vae", vae))
-        }
+        """A pipeline from models in memory (tests, benchmarks, notebooks). `transformer`, `text_encoder` and `vae`
+        are modules, or zero-argument functions that build one: with functions the pipeline can free a model and
+        build it again, so keep_text_encoder=False sequences them as it does a checkpoint's. A transformer function
+        that takes a `modulation` keyword lets the pipeline build the denoising transformer without its modulation
+        weights (with `schedule_modulation`) and the modulation alone, briefly, for each new schedule."""
+        options.setdefault("check_memory", False)
+        options.setdefault("keep_text_encoder", True)
+        opts = PipelineOptions(**options)
+        build = as_builder(transformer)
+        split = opts.schedule_modulation and "modulation" in inspect.signature(build).parameters
+        pipe = None
+
+        def denoiser():
+            model = build(modulation=False) if split else build()
+            pipe.quantization = prepare_transformer(model, opts.quantize, opts.switches) or pipe.quantization
+            return model
+
+        def read_modulation(sigmas):
+            model = build(modulation=True)
+            prepare_transformer(model, opts.quantize, opts.switches)
+            table = modulation_table(model, sigmas, opts.dtype)
+            mx.eval(table.arrays())
+            return table
+
+        store = ComponentStore(
+            {"transformer": denoiser, "text_encoder": as_builder(text_encoder), "vae": as_builder(vae)}
+        )
         pipe = cls(
             tokenizer,
-            scheduler_config,
-            builders=builders,
-            dtype=dtype,
-            quantize=quantize,
-            keep_text_encoder=keep_text_encoder,
-            check_memory=False,
-            **options,
+            scheduler_config or SchedulerConfig(),
+            store,
+            opts,
+            Sizes(),
+            read_modulation=read_modulation if split else None,
         )
-        pipe._rebuildable = callable(transformer) and not isinstance(transformer, nn.Module)
+        pipe.sizes = Sizes.read(store["transformer"].config, store["vae"].config, native_size)
         return pipe
 
-    def load_transformer(self) -> QwenImageTransformer:
-        """The transformer, built and loaded lazily (and quantized, still lazily): nothing is read yet."""
-        if self.folder is None:
-            model = self._builders["transformer"]()
-            if self.quantize and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
-                self.quantization = quantize_transformer(model, self.quantize)
-            if self.switches.fused_qkv:
-                model.fuse_projections()
-            return model
-        folder = self.folder / "transformer"
-        raw = read_config(folder)
-        model = QwenImageTransformer(TransformerConfig.from_dict(raw), self.switches)
-        stored = raw.get("quantization")
-        if stored:  # a folder written by save_pretrained: the structure first, then its quantized tensors
-            self.quantization = quantize_transformer(
-                model,
-                stored["bits"],
-                stored.get("group_size", GROUP_SIZE),
-                stored.get("modulation_bits", MODULATION_BITS),
-            )
-        load_strict(model, read_weights(folder, self.dtype), "transformer")
-        if self.quantize and not stored:
-            self.quantization = quantize_transformer(model, self.quantize)
-        if self.switches.fused_qkv:
-            model.fuse_projections()  # after loading, which is strict on the checkpoint's separate names
-        if self.quantization and self.quantization.skipped and self.verbose:
-            print(
-                f"note: {len(self.quantization.skipped)} linear(s) kept in full precision (input width not a "
-                f"multiple of {self.quantization.group_size}): {', '.join(self.quantization.skipped[:6])}"
-            )
-        return model
-
-    def load_text_encoder(self) -> QwenTextEncoder:
-        """The text encoder's language model (no vision tower, no lm_head, whose shards need not exist), lazily."""
-        if self.folder is None:
-            return self._builders["text_encoder"]()
-        folder = self.folder / "text_encoder"
-        model = QwenTextEncoder(TextEncoderConfig.from_dict(read_config(folder)), self.switches)
-        weights = QwenTextEncoder.sanitize(read_weights(folder, self.dtype, keep=KEEP["text_encoder"]))
-        load_strict(model, weights, "Qwen2.5-VL text encoder")
-        return model
-
+    # ------------------------------------------------------------------ the models
     @property
     def transformer(self) -> QwenImageTransformer:
-        if self._transformer is None:
-            self._transformer = self.load_transformer()
-        return self._transformer
-
-    def load_vae(self):
-        if self.folder is None:
-            return self._builders["vae"]()
-        return load_vae(self.folder / "vae", self.dtype)
-
-    @property
-    def vae(self):
-        if self._vae is None:
-            self._vae = self.load_vae()
-        return self._vae
+        """The transformer that denoises (built without its modulation weights under `schedule_modulation`)."""
+        return self.components["transformer"]
 
     @property
     def text_encoder(self) -> QwenTextEncoder:
-        if self._text_encoder is None:
-            self._text_encoder = self.load_text_encoder()
-        return self._text_encoder
+        return self.components["text_encoder"]
 
-    def _release(self, name: str) -> None:
-        if getattr(self, name) is not None:
-            setattr(self, name, None)
-            gc.collect()
-            mx.clear_cache()
+    @property
+    def vae(self):
+        return self.components["vae"]
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.options.dtype
+
+    @property
+    def quantize(self) -> int | None:
+        return self.options.quantize
+
+    @property
+    def switches(self) -> Switches:
+        return self.options.switches
+
+    @property
+    def keep_text_encoder(self) -> bool:
+        return bool(self.options.keep_text_encoder)
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(height, width) the checkpoint declares it was trained at, or 1024x1024."""
+        return self.sizes.native
 
     def materialize_transformer(self, progress: bool = False) -> None:
         """Read (and quantize) the transformer's weights now, block by block so the peak stays near their size."""
         materialize(self.transformer, "reading the transformer" if progress else None)
 
-    # ------------------------------------------------------------------ modulation over a schedule
-    def _can_release_modulation(self) -> bool:
-        """The modulation weights may be dropped when they can be read again: from the checkpoint, or from a
-        builder function. Quantized transformers keep theirs (8-bit): putting them back would mean quantizing them
-        again, or reading a saved quantized checkpoint's packed tensors, which `restore_modulation` does not do."""
-        return (
-            self.switches.schedule_modulation and not self.quantize and (self.folder is not None or self._rebuildable)
-        )
-
-    def _restore_modulation(self, model: QwenImageTransformer) -> None:
-        names = model.modulation_names()
-        if self.folder is not None:
-            wanted = set(names)
-            weights = read_weights(self.folder / "transformer", self.dtype, keep=wanted.__contains__)
-        else:
-            fresh = dict(tree_flatten(self._builders["transformer"]().parameters()))
-            weights = {k: fresh[k] for k in names}
-        model.restore_modulation(weights)
-
-    def schedule_modulations(self, timesteps):
-        """Every step's modulation (shift/scale/gate of every block, and the output norm's) for one schedule,
-        computed up front in one batch of sigmas, block by block; then, when they can be read again, the
-        modulation weights are released, so they are never resident with the rest of the transformer. The last
-        schedule is kept: the next generation with the same steps and size costs nothing here."""
-        key = (tuple(float(t) for t in timesteps), str(self.dtype))
-        model = self.transformer
-        release = self._can_release_modulation()
-        if self._schedule is not None and self._schedule[0] == key:
-            if release and not model.modulation_released:
-                model.release_modulation()  # a transformer built again (sequenced): its weights were never read
-            return self._schedule[1]
-        self._schedule = None
-        if model.modulation_released:
-            self._restore_modulation(model)
-        temb = model.time_text_embed(model_sigmas(timesteps, self.dtype), self.dtype)
-        mx.eval(temb)
-        blocks = []
-        for i, block in enumerate(model.transformer_blocks):
-            mods = block.modulation(temb)
-            mx.eval(mods)  # reads this block's modulation weights only
-            blocks.append(mods)
-            if release:
-                model.release_modulation([i])
-        out = model.norm_out.modulation(temb)
-        mx.eval(out)
-        if release:
-            model.release_modulation()
-            gc.collect()
-            mx.clear_cache()
-        self._schedule = (key, (blocks, out))
-        return self._schedule[1]
-
     # ------------------------------------------------------------------ text
     def _key(self, text: str):
-        return (text, self.max_sequence_length)
+        return (text, self.options.max_sequence_length)
 
     def _check_length(self, text: str) -> None:
-        n = len(self.tokenizer.encode(PROMPT_TEMPLATE.format(text))) - DROP_IDX
-        if n > MAX_TOKENS:
-            raise ValueError(
-                f"the prompt is {n} tokens long (with the template's 5-token tail), more than the {MAX_TOKENS} the "
-                f"text encoder takes: shorten it. It starts {text[:60]!r}"
-            )
-        if n > self.max_sequence_length and self.verbose:
+        n = prompt_length(self.tokenizer, text)
+        check_prompt_length(text, n)
+        if n > self.options.max_sequence_length and self.options.verbose:
             print(
-                f"note: the prompt is {n} tokens; only the first {self.max_sequence_length} are used "
+                f"note: the prompt is {n} tokens; only the first {self.options.max_sequence_length} are used "
                 "(max_sequence_length, as in diffusers)"
             )
 
@@ -434,51 +496,64 @@ class QwenImagePipeline:
             self._cache.move_to_end(key)
             return self._cache[key]
         self._check_length(text)
-        if self._text_encoder is None and not self.keep_text_encoder:
-            self._release("_transformer")  # sequenced: the two large models are never resident together
-        embeds, mask = encode_prompt(self.tokenizer, self.text_encoder, text, self.max_sequence_length)
+        if not self.components.loaded("text_encoder") and not self.keep_text_encoder:
+            self.components.release("transformer")  # sequenced: the two large models are never resident together
+        embeds, mask = encode_prompt(self.tokenizer, self.text_encoder, text, self.options.max_sequence_length)
         mx.eval(embeds, mask)
         value = (embeds, None if bool(mx.all(mask == 1)) else mask)
         self._cache[key] = value
-        if len(self._cache) > self._cache_size:
+        if len(self._cache) > self.options.cache_size:
             self._cache.popitem(last=False)
         return value
 
-    def encode_prompts(
-        self,
-        prompt: str,
-        negative_prompt: str | None,
-        stats: "GenerationStats | None" = None,
-        progress: bool = False,
-    ):
+    def encode_prompts(self, prompt: str, negative_prompt: str | None, stats=None, progress: bool = False):
         """(cond, uncond) embeddings; uncond is None without a negative prompt. Frees the text encoder afterwards
         when the pipeline runs sequenced. Both prompts are checked before the text encoder is loaded."""
         texts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
         missing = [t for t in texts if self._key(t) not in self._cache]
         for t in missing:
             self._check_length(t)
+        stats = stats or GenerationStats(None, 0, 0, 0, False)
         if missing:
-            if self._text_encoder is None and not self.keep_text_encoder:
-                self._release("_transformer")
-            start = time.perf_counter()
-            materialize(self.text_encoder, "reading the text encoder" if progress else None)
-            if stats is not None:
-                stats.load_s += time.perf_counter() - start
-        start = time.perf_counter()
-        cond = self.encode(prompt)
-        uncond = self.encode(negative_prompt) if negative_prompt is not None else None
-        if stats is not None:
-            stats.text_s = time.perf_counter() - start
-            stats.stage_peaks_gb["text"] = mx.get_peak_memory() / 1e9
+            with stats.stage("text_weights", "load_s"):
+                if not self.components.loaded("text_encoder") and not self.keep_text_encoder:
+                    self.components.release("transformer")
+                materialize(self.text_encoder, "reading the text encoder" if progress else None)
+        with stats.stage("text", "text_s"):
+            cond = self.encode(prompt)
+            uncond = self.encode(negative_prompt) if negative_prompt is not None else None
         if not self.keep_text_encoder:
-            self._release("_text_encoder")
+            self.components.release("text_encoder")
         return cond, uncond
 
     # ------------------------------------------------------------------ sampling
+    def schedule(self, steps: int, grid: tuple[int, int], strength: float = 1.0) -> Schedule:
+        """The schedule of a generation of `steps` on a (h, w) patch grid."""
+        return Schedule.make(self.scheduler_config, steps, grid[0] * grid[1], strength)
+
+    def modulation_table(self, schedule: Schedule):
+        """Every step's modulation for `schedule` (a ModulationTable, evaluated), or None when the pipeline computes
+        it per step (`schedule_modulation=False`). The last one is kept: the next generation with the same steps
+        and size costs nothing here."""
+        if not self.options.schedule_modulation:
+            return None
+        key = schedule.key(self.dtype)
+        if self._table is None or self._table[0] != key:
+            self._table = None
+            sigmas = schedule.model_sigmas(self.dtype)
+            if self._read_modulation is not None:
+                table = self._read_modulation(sigmas)
+            else:
+                table = self.transformer.modulations(sigmas)
+                mx.eval(table.arrays())
+            self._table = (key, table)
+        return self._table[1]
+
     def initial_noise(self, height: int, width: int, seed: int | None = None, latents=None) -> mx.array:
-        """The unpacked noise (1, 16, H/8, W/8) in the pipeline's dtype: `latents` checked, or drawn from `seed`."""
-        shape = (1, LATENT_CHANNELS, height // 8, width // 8)
+        """The unpacked noise (1, C, H/8, W/8) in the pipeline's dtype: `latents` checked, or drawn from `seed`."""
+        shape = self.sizes.noise_shape(height, width)
         if latents is None:
+            check_seed(seed)
             return mx.random.normal(shape, key=mx.random.key(seed)).astype(self.dtype)
         z = mx.array(latents) if not isinstance(latents, mx.array) else latents
         if tuple(z.shape) == (1, 1, *shape[1:]):  # diffusers' (B, 1, C, h, w) before packing
@@ -490,61 +565,50 @@ class QwenImagePipeline:
             )
         return z.astype(self.dtype)
 
-    def timesteps(self, steps: int, grid: tuple[int, int]) -> list:
-        return FlowMatchEulerScheduler(self.scheduler_config).set_timesteps(steps, grid[0] * grid[1])
-
-    def denoise(self, latents: mx.array, cond, uncond, cfg_scale: float, steps: int, grid: tuple[int, int]):
-        """The sampling loop as a generator: yields the packed latents (1, N, 64) after each step, unevaluated.
-
-        With the `batched_cfg` switch the conditional and unconditional passes are one batch of two when their
-        texts have one length (otherwise two passes: see below); with `schedule_modulation` every step's modulation is computed before the loop."""
-        scheduler = FlowMatchEulerScheduler(self.scheduler_config)
-        timesteps = scheduler.set_timesteps(steps, grid[0] * grid[1])
-        model = self.transformer
-        table = self.schedule_modulations(timesteps) if self.switches.schedule_modulation else None
-        if table is None and model.modulation_released:
-            self._restore_modulation(model)
-        # One batch of two only when the two texts need no padding: a padded-text mask takes attention off MLX's
-        # fused kernel (1024x1024 on an H200: 0.73 s per step and 18 GB more, against 0.32 s as two passes).
-        batched = uncond is not None and self.switches.batched_cfg
-        batched = batched and cond[0].shape == uncond[0].shape and cond[1] is None and uncond[1] is None
-        if batched:
-            text, mask = batch_texts(cond, uncond)
-        hook = None
-        if self.eval_every:
-            k = self.eval_every
-
-            def hook(i, img, txt):
-                if (i + 1) % k == 0:
-                    mx.eval(img, txt)
-
-        sigmas = model_sigmas(timesteps, latents.dtype)
-        x = latents
-        for i in range(len(timesteps)):
-            sigma = sigmas[i : i + 1]
-            mods = None if table is None else step_modulations(table, i)
-            if batched:
-                v = model(mx.concatenate([x, x]), text, sigma, grid, mask, mods=mods, block_hook=hook)
-                v = cfg_combine(v[:1], v[1:], cfg_scale)
-            else:
-                v = model(x, cond[0], sigma, grid, cond[1], mods=mods, block_hook=hook)
-                if uncond is not None:
-                    v_uncond = model(x, uncond[0], sigma, grid, uncond[1], mods=mods, block_hook=hook)
-                    v = cfg_combine(v, v_uncond, cfg_scale)
-            x = scheduler.step(v, i, x)
-            yield x
+    def denoise(self, latents: mx.array, cond, uncond, cfg_scale: float, schedule: Schedule, grid: tuple[int, int]):
+        """`qwen_nb.sampling.denoise` with this pipeline's transformer, modulation table and options: a generator
+        of the packed latents (1, N, C) after each step, unevaluated."""
+        hook = eval_every_blocks(self.options.eval_every) if self.options.eval_every else None
+        return denoise(
+            self.transformer,
+            latents,
+            cond,
+            schedule=schedule,
+            grid=grid,
+            negative=uncond,
+            cfg_scale=cfg_scale,
+            mods=self.modulation_table(schedule),
+            batched_cfg=self.options.batched_cfg,
+            block_hook=hook,
+        )
 
     def decode(self, latents: mx.array, height: int, width: int):
-        """Packed latents (1, N, 64) -> PIL image."""
+        """Packed latents (1, N, C) -> PIL image."""
         from PIL import Image
 
-        z = unpack_latents(latents, (height // MULTIPLE, width // MULTIPLE))  # (1, 16, H/8, W/8)
-        images = self.vae.decode(z.transpose(0, 2, 3, 1), tile=self.vae_tile)  # (1, H, W, 3)
+        z = unpack_latents(latents, self.sizes.grid(height, width), self.sizes.patch)  # (1, C, H/8, W/8)
+        images = self.vae.decode(z.transpose(0, 2, 3, 1), tile=self.options.vae_tile)  # (1, H, W, 3)
         return Image.fromarray(postprocess(images)[0])
+
+    # ------------------------------------------------------------------ generation
+    def _size(self, height, width) -> tuple[int, int]:
+        """The requested size, the native one where not given; warns once when a model trained at one size is
+        asked for another."""
+        height = self.native_size[0] if height is None else height
+        width = self.native_size[1] if width is None else width
+        check_size(height, width, self.sizes.multiple)
+        if self.sizes.native_declared and (height, width) != self.native_size and not self._warned_size:
+            self._warned_size = True
+            warnings.warn(
+                f"this checkpoint was trained at {self.native_size[1]}x{self.native_size[0]} (width x height) only; "
+                f"at {width}x{height} expect a worse picture (generate() without height/width uses its size)",
+                stacklevel=3,
+            )
+        return height, width
 
     def _check_memory_at(self, height: int, width: int) -> None:
         plan = self.memory_plan
-        if not self.check_memory or plan is None or plan.size == (height, width):
+        if not self.options.check_memory or plan is None or plan.size == (height, width):
             return
         act = activation_bytes(self.folder, self.dtype, height, width)
         replace(plan, activations=act, size=(height, width)).check()
@@ -553,8 +617,8 @@ class QwenImagePipeline:
         self,
         prompt: str,
         negative_prompt: str | None = " ",
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         steps: int = 20,
         cfg_scale: float = 4.0,
         seed: int | None = None,
@@ -566,180 +630,107 @@ class QwenImagePipeline:
     ):
         """One image, as diffusers' QwenImagePipeline(prompt, negative_prompt, true_cfg_scale=cfg_scale, ...).
 
-        CFG runs when cfg_scale > 1 and negative_prompt is not None (" " is the model card's "no negative
-        prompt"). `latents` is the noise (1, 16, H/8, W/8) before packing; otherwise it is drawn from `seed`
-        (random when None; the seed used is in `last_stats`). `callback(step, latents)` is called after each
-        step with the packed latents. `preview(step, image)`, when given, is called after every `preview_every`-th
-        step (steps count from 0: after steps preview_every - 1, 2 preview_every - 1, ...) and after the last, with
-        a PIL image of the model's current guess of the final picture (qwen_nb.preview: a linear latent-to-RGB map
-        fitted once per VAE; no decode). Ctrl-C, or KeyboardInterrupt raised in `callback` or `preview`, stops at
-        the end of the current step with GenerationInterrupted."""
+        CFG runs when cfg_scale > 1 and negative_prompt is not None (" " is qwen_nb's default: the model card's
+        "no negative prompt", which still runs CFG; diffusers' default None turns it off). height and width default
+        to the checkpoint's native size (1024x1024 for the real ones). `latents` is the noise (1, C, H/8, W/8)
+        before packing; otherwise it is drawn from `seed` (random when None; the seed used is in `last_stats`).
+        `callback(step, latents)` is called after each step with the packed latents. `preview(step, image)`, when
+        given, is called after every `preview_every`-th step (steps count from 0: after steps preview_every - 1,
+        2 preview_every - 1, ...) and after the last, with a PIL image of the model's current guess of the final
+        picture (qwen_nb.preview: a linear latent-to-RGB map fitted once per VAE; no decode). Ctrl-C, or
+        KeyboardInterrupt raised in `callback` or `preview`, stops at the end of the current step with
+        GenerationInterrupted."""
+        height, width = self._size(height, width)
+        self._check_request(prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every)
+        if latents is None and seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        noise = self.initial_noise(height, width, seed, latents)
+        self._check_memory_at(height, width)
+        do_cfg = cfg_scale > 1 and negative_prompt is not None
+        stats = self.last_stats = GenerationStats(seed if latents is None else None, height, width, steps, do_cfg)
+        grid = self.sizes.grid(height, width)
+        schedule = self.schedule(steps, grid)
+
+        with MemoryLimit(self.options.memory_limit_gb) as limit, stats.running():
+            cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats, progress)
+            with stats.stage("weights", "load_s"):
+                self.modulation_table(schedule)  # first: its weights are read and dropped before the rest is read
+                self.materialize_transformer(progress)
+            limit.weights_loaded()
+            x = pack_latents(noise, self.sizes.patch)
+            loop = self.denoise(x, cond, uncond, cfg_scale, schedule, grid)
+            with stats.stage("denoise"):
+                x = self._run(loop, x, schedule, stats, callback, preview, preview_every, progress)
+            with stats.stage("decode", "decode_s"):
+                image = self.decode(x, height, width)
+        return image
+
+    __call__ = generate
+
+    def _check_request(self, prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every) -> None:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string (one image per call), got {type(prompt).__name__}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
-        check_size(height, width)
         if not _is_int(steps) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not np.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
         if cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (4.0 is the model card's; <= 1 turns CFG off), got {cfg_scale}")
-        if seed is not None and not _is_int(seed):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        check_seed(seed)
         if preview is not None and not callable(preview):
             raise ValueError(f"preview must be a function (step, PIL image) or None, got {type(preview).__name__}")
         if not _is_int(preview_every) or preview_every < 1:
             raise ValueError(f"preview_every must be an integer >= 1 (steps between previews), got {preview_every!r}")
-        if latents is None and seed is None:
-            seed = int.from_bytes(os.urandom(4), "little")
-        noise = self.initial_noise(height, width, seed, latents)
-        self._check_memory_at(height, width)
 
-        # MLX queues kernels ahead of the device and frees buffers as they finish; a limit makes it wait instead
-        fixed = self.memory_limit_gb not in (None, "auto")
-        previous = mx.set_memory_limit(int(self.memory_limit_gb * 1e9)) if fixed else None
+    def _run(self, loop, x, schedule: Schedule, stats, callback, preview, preview_every, progress):
+        """Drive the sampling loop from latents x: evaluate once per step, time it, report, preview; Ctrl-C ends it
+        after a step. Returns the last latents."""
+        from tqdm.auto import tqdm
+
+        if preview is not None:
+            from . import preview as previews
+
+            projection = previews.projection_for(self.vae)  # fitted once per VAE, from a few small decodes
+        steps, (height, width) = schedule.steps, (stats.height, stats.width)
         try:
-            do_cfg = cfg_scale > 1 and negative_prompt is not None
-            stats = GenerationStats(seed if latents is None else None, height, width, steps, do_cfg)
-            self.last_stats = stats
-            gc.collect()
-            mx.reset_peak_memory()
-            start = time.perf_counter()
-
-            cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats, progress)
-
-            grid = (height // MULTIPLE, width // MULTIPLE)
-            t = time.perf_counter()
-            if self.switches.schedule_modulation:  # before the rest is read: the modulation weights are then released
-                self.schedule_modulations(self.timesteps(steps, grid))
-            self.materialize_transformer(progress)
-            stats.load_s += time.perf_counter() - t
-            stats.stage_peaks_gb["weights"] = mx.get_peak_memory() / 1e9
-            if self.memory_limit_gb == "auto":  # what is held now, and room for a step's work
-                held = mx.get_active_memory()
-                previous = mx.set_memory_limit(int(held + AUTO_LIMIT_MARGIN))
-
-            x = pack_latents(noise)
-            if preview is not None:
-                from . import preview as previews
-                from .scheduler import flow_match_sigmas
-
-                projection = previews.projection_for(self.vae)  # fitted once per VAE, from a few small decodes
-                sigmas = flow_match_sigmas(steps, grid[0] * grid[1], self.scheduler_config)
-            try:
-                from tqdm.auto import tqdm
-
-                with tqdm(total=steps, desc="denoising", unit="step", disable=not progress) as bar:
-                    t = time.perf_counter()
-                    for i, x_next in enumerate(self.denoise(x, cond, uncond, cfg_scale, steps, grid)):
-                        mx.eval(x_next)
-                        x, before = x_next, x
-                        stats.step_times_s.append(time.perf_counter() - t)
-                        bar.update()
-                        if callback is not None:
-                            callback(i, x)
-                        if preview is not None and ((i + 1) % preview_every == 0 or i == steps - 1):
-                            guess = previews.x0_guess(before, x, float(sigmas[i]), float(sigmas[i + 1]))
-                            preview(i, previews.preview(projection, guess, height, width))
-                        t = time.perf_counter()  # the callbacks' own time is not the step's
-            except KeyboardInterrupt:
-                stats.interrupted_at = len(stats.step_times_s)
-                stats.total_s = time.perf_counter() - start
-                stats.peak_gb = mx.get_peak_memory() / 1e9
-                raise GenerationInterrupted(stats.interrupted_at, steps, x, height, width) from None
-
-            stats.stage_peaks_gb["denoise"] = mx.get_peak_memory() / 1e9
-            t = time.perf_counter()
-            image = self.decode(x, height, width)
-            stats.decode_s = time.perf_counter() - t
-            stats.stage_peaks_gb["decode"] = mx.get_peak_memory() / 1e9
-            stats.total_s = time.perf_counter() - start
-            stats.peak_gb = mx.get_peak_memory() / 1e9
-            return image
-        finally:
-            if previous is not None:
-                mx.set_memory_limit(previous)
-
-    __call__ = generate
+            with tqdm(total=steps - schedule.start, desc="denoising", unit="step", disable=not progress) as bar:
+                t = time.perf_counter()
+                for i, x_next in enumerate(loop, schedule.start):
+                    mx.eval(x_next)
+                    x, before = x_next, x
+                    stats.step_times_s.append(time.perf_counter() - t)
+                    bar.update()
+                    if callback is not None:
+                        callback(i, x)
+                    if preview is not None and ((i + 1) % preview_every == 0 or i == steps - 1):
+                        s = schedule.sigmas
+                        guess = previews.x0_guess(before, x, float(s[i]), float(s[i + 1]))
+                        preview(i, previews.preview(projection, guess, height, width))
+                    t = time.perf_counter()  # the callbacks' own time is not the step's
+        except KeyboardInterrupt:
+            stats.interrupted_at = len(stats.step_times_s)
+            raise GenerationInterrupted(stats.interrupted_at, steps, x, height, width) from None
+        return x
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, folder, overwrite: bool = False, max_shard_size: int = 5_000_000_000) -> Path:
         """Write a pipeline folder that `from_pretrained` loads without the original download: the transformer
-        as held (quantized included, marked in transformer/config.json), the other components copied.
-        Refuses a non-empty folder unless `overwrite=True` (then files of the same names are replaced)."""
-        out = Path(folder).expanduser()
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"{out} is a file: give a folder to save the pipeline into")
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"{out} is not empty; nothing was written. Give a new or empty folder, or pass overwrite=True to "
-                "write into it (files of the same names are replaced)."
+        as this pipeline runs it (quantized included, marked in transformer/config.json), the other components
+        copied. Refuses a non-empty folder unless `overwrite=True` (then files of the same names are replaced)."""
+        if self.folder is None:
+            raise ValueError(
+                "this pipeline was built from models in memory (from_components): there is no checkpoint to copy "
+                "its tokenizer, text encoder and VAE from. Save from a pipeline made with from_pretrained."
             )
-        src = self.folder.resolve()
-        if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
-            raise ValueError(f"cannot save into {out}: it overlaps the folder the pipeline reads from ({src})")
-        out.mkdir(parents=True, exist_ok=True)
-
-        _copy(self.folder / "model_index.json", out / "model_index.json")
-        for c in ("tokenizer", "scheduler"):
-            for f in sorted((self.folder / c).iterdir()):
-                if f.is_file():
-                    _copy(f, out / c / f.name)
-        for c in ("vae", "text_encoder"):
-            for f in sorted((self.folder / c).iterdir()):
-                if f.is_file() and not f.name.endswith(".safetensors"):
-                    _copy(f, out / c / f.name)
-            for f in component_weight_files(self.folder, c):
-                _copy(f, out / c / f.name)
-
-        tdir = out / "transformer"
-        tdir.mkdir(parents=True, exist_ok=True)
-        config = read_config(self.folder / "transformer")
-        config.pop("quantization", None)
-        if self.quantize:
-            self.transformer  # noqa: B018 (built so that self.quantization is known)
-            config["quantization"] = self.quantization.to_config()
-        (tdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        model = self.transformer
-        if model.modulation_released:
-            self._restore_modulation(model)
-            self._schedule = None
-        _save_sharded(model.diffusers_weights(), tdir, max_shard_size)
-        return out
-
-
-def model_sigmas(timesteps, dtype: mx.Dtype) -> mx.array:
-    """The sigmas the transformer sees, (S,): diffusers passes timestep = t.to(latents.dtype) / 1000, so sigma is
-    rounded through 1000*sigma in the dtype (bfloat16: 989.70 -> 988)."""
-    return mx.array([float(t) for t in timesteps], dtype=mx.float32).astype(dtype) / 1000
-
-
-# "auto" memory limit: the bytes held once the weights are in, plus this. MLX may go past a limit (it is a
-# guideline), but first waits for queued work to finish and free its buffers. A 1024x1024 step needs well under a
-# gigabyte at a time; what goes past it on a GPU is work queued ahead (on an H200 a limit 0.6 GB above the weights
-# cost nothing in speed).
-AUTO_LIMIT_MARGIN = 2e9
-
-
-def batch_texts(cond, uncond):
-    """Two (embeds (1, L, D), mask or None) as one batch (2, L, D) with a (2, L) mask: the shorter padded with
-    zeros that the mask hides (None when both are full and of one length)."""
-    (a, ma), (b, mb) = cond, uncond
-    L = max(a.shape[1], b.shape[1])
-    if a.shape[1] == b.shape[1] and ma is None and mb is None:
-        return mx.concatenate([a, b]), None
-
-    def pad(e, m):
-        n = e.shape[1]
-        m = mx.ones((1, n), mx.int32) if m is None else m.astype(mx.int32)
-        if n < L:
-            e = mx.concatenate([e, mx.zeros((1, L - n, e.shape[2]), e.dtype)], axis=1)
-            m = mx.concatenate([m, mx.zeros((1, L - n), mx.int32)], axis=1)
-        return e, m
-
-    (a, ma), (b, mb) = pad(a, ma), pad(b, mb)
-    return mx.concatenate([a, b]), mx.concatenate([ma, mb])
+        model, report = load_transformer(
+            self.folder / "transformer", self.dtype, self.quantize, Switches().only(fused_qkv=False)
+        )
+        weights = model.diffusers_weights()
+        del model  # the dict is the weights' only holder: they are read and written a shard at a time
+        config = report.to_config() if report else None
+        return save_pipeline(self.folder, folder, weights, config, overwrite, max_shard_size)
 
 
 def materialize(module, desc: str | None = None) -> None:
@@ -760,42 +751,12 @@ def materialize(module, desc: str | None = None) -> None:
             bar.update(sum(v.nbytes for v in arrays))
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """Copy a file (a hard link when possible: the hub cache's blobs are large), following the cache's symlinks."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        dst.unlink()
-    real = Path(src).resolve()
-    try:
-        os.link(real, dst)
-    except OSError:
-        shutil.copyfile(real, dst)
-
-
-def _save_sharded(weights: dict, folder: Path, max_shard_size: int, name: str = "diffusion_pytorch_model") -> None:
-    """safetensors shards of at most max_shard_size bytes (a single file when it fits), with diffusers' index."""
-    shards, current, size = [], {}, 0
-    for k in sorted(weights):
-        nbytes = weights[k].nbytes
-        if current and size + nbytes > max_shard_size:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = weights[k]
-        size += nbytes
-    shards.append(current)
-    for old in list(folder.glob(f"{name}*.safetensors")) + list(folder.glob(f"{name}*.index.json")):
-        old.unlink()
-    if len(shards) == 1:
-        mx.save_safetensors(str(folder / f"{name}.safetensors"), shards[0], metadata={"format": "mlx"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        fname = f"{name}-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(folder / fname), shard, metadata={"format": "mlx"})
-        weight_map.update({k: fname for k in shard})
-        total += sum(v.nbytes for v in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / f"{name}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-__all__ = ["ASPECTS", "GenerationInterrupted", "GenerationStats", "QwenImagePipeline", "check_size"]
+__all__ = [
+    "ASPECTS",
+    "GenerationInterrupted",
+    "GenerationStats",
+    "PipelineOptions",
+    "QwenImagePipeline",
+    "check_seed",
+    "check_size",
+]

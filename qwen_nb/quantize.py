@@ -11,11 +11,31 @@ from dataclasses import dataclass, field
 
 import mlx.nn as nn
 
-from .memory import is_modulation
-
 BITS = (3, 4, 5, 6, 8)
 GROUP_SIZE = 64
 MODULATION_BITS = 8
+
+
+def is_modulation(name: str) -> bool:
+    """The modulation projections (checkpoint names): every block's img_mod/txt_mod and the output norm's
+    projection. Quantized, they keep at least MODULATION_BITS."""
+    return ".img_mod." in name or ".txt_mod." in name or name.startswith("norm_out.linear")
+
+
+def is_timestep_weight(name: str) -> bool:
+    """The weights that depend on sigma alone: the modulation projections and the timestep embedder feeding them
+    (6.8B of the real transformer's 20.4B parameters). A schedule's modulation can be computed from them up front."""
+    return is_modulation(name) or name.startswith("time_text_embed.")
+
+
+def quantized_bits(
+    name: str, shape: tuple, bits: int, group_size: int = GROUP_SIZE, modulation_bits: int = MODULATION_BITS
+) -> int | None:
+    """Bits a transformer weight is quantized to, or None when it stays in full precision (biases, norms, and
+    linears whose input width is not a multiple of the group size, which nn.quantize would skip)."""
+    if len(shape) != 2 or not name.endswith(".weight") or shape[1] % group_size:
+        return None
+    return max(bits, modulation_bits) if is_modulation(name) else bits
 
 
 def check_bits(quantize) -> int | None:
@@ -49,9 +69,14 @@ class QuantizationReport:
 
 
 def quantize_transformer(
-    model: nn.Module, bits: int, group_size: int = GROUP_SIZE, modulation_bits: int = MODULATION_BITS
+    model: nn.Module,
+    bits: int,
+    group_size: int = GROUP_SIZE,
+    modulation_bits: int = MODULATION_BITS,
+    prefix: str = "",
 ) -> QuantizationReport:
-    """Quantize the transformer's linears in place (lazily: call before its weights are evaluated)."""
+    """Quantize the transformer's linears in place (lazily: call before its weights are evaluated). `prefix` is
+    the module's own checkpoint path when it is a part of the transformer (e.g. "transformer_blocks.3.")."""
     bits = check_bits(bits)
     report = QuantizationReport(bits, group_size, modulation_bits)
     chosen = {}
@@ -59,10 +84,10 @@ def quantize_transformer(
     def predicate(path: str, module: nn.Module):
         if not isinstance(module, nn.Linear):
             return False
-        if module.weight.shape[1] % group_size:
+        b = quantized_bits(prefix + path + ".weight", module.weight.shape, bits, group_size, modulation_bits)
+        if b is None:
             report.skipped.append(path)
             return False
-        b = max(bits, modulation_bits) if is_modulation(path + ".weight") else bits
         chosen[path] = b
         return {"group_size": group_size, "bits": b, "mode": "affine"}
 

@@ -7,15 +7,17 @@ then a stretch so the last sigma is `shift_terminal`; Euler steps x += (sigma_{i
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from .loading import Config
+
 
 @dataclass
-class SchedulerConfig:
+class SchedulerConfig(Config):
     """`scheduler/scheduler_config.json` of Qwen/Qwen-Image (not the class defaults, which differ)."""
 
     base_image_seq_len: int = 256
@@ -30,8 +32,7 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg = super().from_dict(d)
         unsupported = [
             k
             for k in (
@@ -52,6 +53,20 @@ class SchedulerConfig:
     @classmethod
     def from_file(cls, path) -> "SchedulerConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def merged(self, overrides: dict | None) -> "SchedulerConfig":
+        """This config with some keys replaced (e.g. the Lightning schedule's shifts); unknown keys are an error."""
+        if not overrides:
+            return self
+        if not isinstance(overrides, dict):
+            raise ValueError(f"scheduler_config takes a dict of overrides, got {type(overrides).__name__}")
+        known = asdict(self)
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(
+                f"scheduler_config: unknown key(s) {unknown}; the flow-match Euler scheduler's keys are {sorted(known)}"
+            )
+        return type(self).from_dict({**known, **overrides})
 
 
 def calculate_shift(image_seq_len: int, cfg: SchedulerConfig) -> float:
@@ -106,30 +121,37 @@ class FlowMatchEulerScheduler:
         return self.timesteps
 
     def step(self, v: mx.array, i: int, x: mx.array) -> mx.array:
-        """One Euler step from sigma_i to sigma_{i+1}; accumulates in float32, returns v's dtype (as diffusers)."""
+        """One Euler step from sigma_i to sigma_{i+1} (`euler_step`)."""
         if self.sigmas is None:
             raise RuntimeError("call set_timesteps(steps, image_seq_len) before step()")
-        dt = float(self.sigmas[i + 1] - self.sigmas[i])
-        return (x.astype(mx.float32) + dt * v).astype(v.dtype)
+        return euler_step(x, v, self.sigmas[i], self.sigmas[i + 1])
 
 
-def pack_latents(z: mx.array) -> mx.array:
-    """(B, C, H, W) latents -> (B, (H/2)(W/2), 4C) tokens; channel index c*4 + dy*2 + dx, tokens row-major."""
+def euler_step(x: mx.array, v: mx.array, sigma: float, sigma_next: float) -> mx.array:
+    """x + (sigma_next - sigma) v, accumulated in float32 and returned in v's dtype (as diffusers' scheduler)."""
+    dt = float(np.float32(sigma_next) - np.float32(sigma))
+    return (x.astype(mx.float32) + dt * v).astype(v.dtype)
+
+
+def pack_latents(z: mx.array, patch: int = 2) -> mx.array:
+    """(B, C, H, W) latents -> (B, (H/p)(W/p), C p^2) tokens of p x p patches (p = the transformer's patch_size,
+    2 for Qwen-Image); channel index c*p^2 + dy*p + dx, tokens row-major."""
     B, C, H, W = z.shape
-    if H % 2 or W % 2:
-        raise ValueError(f"latent height and width must be even to pack 2x2 patches, got {H}x{W}")
-    z = z.reshape(B, C, H // 2, 2, W // 2, 2).transpose(0, 2, 4, 1, 3, 5)  # (B, H/2, W/2, C, 2, 2)
-    return z.reshape(B, (H // 2) * (W // 2), C * 4)
+    if H % patch or W % patch:
+        raise ValueError(f"latent height and width must be multiples of {patch} to pack patches, got {H}x{W}")
+    z = z.reshape(B, C, H // patch, patch, W // patch, patch).transpose(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+    return z.reshape(B, (H // patch) * (W // patch), C * patch * patch)
 
 
-def unpack_latents(x: mx.array, grid: tuple[int, int]) -> mx.array:
-    """(B, h*w, 4C) tokens of a (h, w) patch grid -> (B, C, 2h, 2w) latents; the inverse of `pack_latents`."""
-    B, N, C4 = x.shape
+def unpack_latents(x: mx.array, grid: tuple[int, int], patch: int = 2) -> mx.array:
+    """(B, h*w, C p^2) tokens of a (h, w) patch grid -> (B, C, p h, p w) latents; the inverse of `pack_latents`."""
+    B, N, Cp = x.shape
     h, w = grid
     if h * w != N:
         raise ValueError(f"grid {h}x{w} has {h * w} patches, but there are {N} tokens")
-    x = x.reshape(B, h, w, C4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)  # (B, C, h, 2, w, 2)
-    return x.reshape(B, C4 // 4, 2 * h, 2 * w)
+    C = Cp // (patch * patch)
+    x = x.reshape(B, h, w, C, patch, patch).transpose(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+    return x.reshape(B, C, patch * h, patch * w)
 
 
 def cfg_combine(cond: mx.array, uncond: mx.array, scale: float) -> mx.array:

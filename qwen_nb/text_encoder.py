@@ -8,7 +8,7 @@ plain 1-D RoPE. No vision tower, no lm_head.
 `QwenTextEncoder(config)(ids (B, S), mask (B, S)) -> (B, S, hidden)`.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,13 +16,13 @@ import mlx.nn as nn
 import numpy as np
 
 from .attention import attention
-from .loading import load_strict, read_config, read_weights
+from .loading import Config, load_strict, read_weights
 from .rmsnorm import RMSNorm
 from .switches import Switches
 
 
 @dataclass
-class TextEncoderConfig:
+class TextEncoderConfig(Config):
     """`text_encoder/config.json` of Qwen/Qwen-Image (Qwen2.5-VL-7B-Instruct's language model); defaults = it."""
 
     hidden_size: int = 3584
@@ -67,8 +67,7 @@ class TextEncoderConfig:
         # transformers derives the head size from hidden_size / heads and ignores any head_dim entry
         hidden = text.get("hidden_size", cls.hidden_size)
         text["head_dim"] = hidden // text.get("num_attention_heads", cls.num_attention_heads)
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in text.items() if k in names})
+        return super().from_dict(text)
 
     @classmethod
     def tiny(cls, **overrides) -> "TextEncoderConfig":
@@ -182,7 +181,7 @@ class QwenTextEncoder(nn.Module):
         vision tower (`visual.*`, `model.visual.*`) and `lm_head.*` are dropped (never read: mx.load is lazy)."""
         out = {}
         for k, v in weights.items():
-            if k.startswith(("visual.", "model.visual.", "lm_head.")):
+            if not is_language_model(k):
                 continue
             if k.startswith("model.language_model."):
                 k = "model." + k[len("model.language_model.") :]
@@ -194,13 +193,18 @@ class QwenTextEncoder(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
 
+def is_language_model(name: str) -> bool:
+    """The text encoder's tensors the text-to-image pipeline reads: the language model, not the vision tower or
+    lm_head (a shard holding only those need not even be downloaded)."""
+    return not name.startswith(("visual.", "model.visual.", "lm_head."))
+
+
 def load_text_encoder(folder, dtype: mx.Dtype = mx.bfloat16, switches: Switches | None = None) -> QwenTextEncoder:
-    """The text encoder of a checkpoint's `text_encoder/` folder (config.json + safetensors shards), in `dtype`."""
+    """The language model of a checkpoint's `text_encoder/` folder (config.json + safetensors shards), in `dtype`,
+    loaded lazily and strictly; shards of vision-tower or lm_head tensors only are not opened."""
     folder = Path(folder)
-    config = TextEncoderConfig.from_dict(read_config(folder))
-    model = QwenTextEncoder(config, switches)
-    weights = QwenTextEncoder.sanitize(read_weights(folder))
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model = QwenTextEncoder(TextEncoderConfig.from_folder(folder), switches)
+    weights = QwenTextEncoder.sanitize(read_weights(folder, dtype, keep=is_language_model))
     load_strict(model, weights, "Qwen2.5-VL text encoder")
     return model
 
@@ -214,6 +218,21 @@ DROP_IDX = 34  # the system turn and "<|im_start|>user\n": dropped from the embe
 MAX_TOKENS = 1024  # diffusers' tokenizer_max_length: the longest prompt (after the drop) it encodes whole
 
 
+def prompt_length(tokenizer, prompt: str) -> int:
+    """The tokens of `prompt` the transformer sees: the templated prompt's tokens after the dropped 34 (so the
+    template's 5-token tail counts)."""
+    return len(tokenizer.encode(PROMPT_TEMPLATE.format(prompt))) - DROP_IDX
+
+
+def check_prompt_length(prompt: str, n: int) -> None:
+    """ValueError when a prompt of n tokens (`prompt_length`) is longer than the text encoder takes."""
+    if n > MAX_TOKENS:
+        raise ValueError(
+            f"the prompt is {n} tokens long (with the template's 5-token tail), more than the {MAX_TOKENS} the text "
+            f"encoder takes (diffusers would silently cut it): shorten it. It starts {prompt[:60]!r}"
+        )
+
+
 def encode_prompt(tokenizer, encoder: QwenTextEncoder, prompts, max_sequence_length: int = 512):
     """Prompt(s) -> (embeds (B, L, hidden) in the encoder's dtype, mask (B, L) int32), as diffusers'
     `QwenImagePipeline.encode_prompt`: template, encode, keep each prompt's tokens after the first 34, re-pad
@@ -224,11 +243,7 @@ def encode_prompt(tokenizer, encoder: QwenTextEncoder, prompts, max_sequence_len
     ids, mask = tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts])
     lengths = mask.sum(axis=1) - DROP_IDX
     for prompt, n in zip(prompts, lengths):
-        if n > MAX_TOKENS:
-            raise ValueError(
-                f"the prompt is {n} tokens long with the template's tail, more than the {MAX_TOKENS} the text "
-                f"encoder takes (diffusers would silently cut it): shorten it. Prompt starts {prompt[:60]!r}"
-            )
+        check_prompt_length(prompt, int(n))
     # without padding the plain causal mask does the same job, and lets the attention kernel skip the mask
     hidden = encoder(mx.array(ids), None if mask.all() else mx.array(mask))
     L = int(lengths.max())

@@ -6,14 +6,17 @@ Parameter names are diffusers' names verbatim (`transformer_blocks.3.img_mod.1.w
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .attention import FUSED_PROJECTIONS, JointAttention, joint_key_mask, split_rows
+from .loading import Config, load_strict, read_config, read_weights
+from .quantize import GROUP_SIZE, MODULATION_BITS, is_timestep_weight, quantize_transformer
 from .rmsnorm import RMSNorm
 from .rope import build_rope_table, rope_table
 from .switches import Switches
@@ -21,21 +24,35 @@ from .timestep_embedder import QwenTimestepProjEmbeddings
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(Config):
     """`transformer/config.json` of Qwen/Qwen-Image; the defaults are the real 20B checkpoint."""
 
     patch_size: int = 2
     in_channels: int = 64
-    out_channels: int = 16
+    out_channels: int | None = 16  # None: in_channels, as diffusers
     num_layers: int = 60
     attention_head_dim: int = 128
     num_attention_heads: int = 24
     joint_attention_dim: int = 3584
     axes_dims_rope: tuple = (16, 56, 56)
+    # Qwen-Image-Edit-2511: condition-picture tokens modulated at sigma 0. A text-to-image generation has no
+    # condition tokens, and with none diffusers' result is the same as without the flag (tested).
+    zero_cond_t: bool = False
     eps: float = 1e-6
+
+    # Flags of diffusers 0.42.1's config that change the computation and that qwen_nb does not build, with why.
+    REFUSED = {
+        "guidance_embeds": "a guidance-distilled variant: diffusers 0.42.1 itself cannot run it (its timestep "
+        "embedding takes no guidance input)",
+        "use_additional_t_cond": "Qwen-Image-Layered's extra timestep embedding: it needs an `additional_t_cond` "
+        "input that the text-to-image pipeline never gives (diffusers raises too)",
+        "use_layer3d_rope": "Qwen-Image-Layered's layer RoPE: positions for a stack of layers, another pipeline",
+    }
 
     def __post_init__(self):
         self.axes_dims_rope = tuple(self.axes_dims_rope)
+        if self.out_channels is None:
+            self.out_channels = self.in_channels
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ValueError(
                 f"axes_dims_rope {list(self.axes_dims_rope)} sums to {sum(self.axes_dims_rope)}, but it must sum to "
@@ -43,16 +60,34 @@ class TransformerConfig:
             )
         if any(d % 2 for d in self.axes_dims_rope):
             raise ValueError(f"every entry of axes_dims_rope {list(self.axes_dims_rope)} must be even (channel pairs)")
+        if self.in_channels % self.patch_size**2:
+            raise ValueError(
+                f"in_channels {self.in_channels} must be patch_size**2 = {self.patch_size**2} times the latent "
+                "channels: a token is a patch_size x patch_size patch of latent pixels"
+            )
 
     @property
     def dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the unpacked latents (the VAE's z_dim): in_channels / patch_size**2."""
+        return self.in_channels // self.patch_size**2
+
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
-        """From a `config.json` dict; keys this model does not use (`_class_name`, `guidance_embeds`...) are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """From a `config.json` dict. Keys that do not change the computation (`_class_name`,
+        `pooled_projection_dim`...) are ignored; flags that do and that qwen_nb does not build are refused."""
+        refused = [k for k in cls.REFUSED if d.get(k)]
+        if refused:
+            raise ValueError(
+                "this transformer's config sets "
+                + "; ".join(f"{k}=true ({cls.REFUSED[k]})" for k in refused)
+                + ". qwen_nb runs Qwen-Image's text-to-image transformer, where these are false: a model built "
+                "without them would make wrong pictures."
+            )
+        return super().from_dict(d)
 
     @classmethod
     def tiny(cls, **overrides) -> "TransformerConfig":
@@ -103,11 +138,6 @@ modulate_fused = mx.compile(modulate)
 gate_residual_fused = mx.compile(gate_residual)
 
 
-class Identity(nn.Module):
-    def __call__(self, x):
-        return x
-
-
 class GELUProj(nn.Module):
     def __init__(self, dim: int, hidden: int, switches: Switches):
         super().__init__()
@@ -124,103 +154,160 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, switches: Switches, mult: int = 4):
         super().__init__()
-        self.net = [GELUProj(dim, mult * dim, switches), Identity(), nn.Linear(mult * dim, dim)]
+        self.net = [GELUProj(dim, mult * dim, switches), nn.Identity(), nn.Linear(mult * dim, dim)]
 
     def __call__(self, x):
         return self.net[2](self.net[0](x))
 
 
-class TransformerBlock(nn.Module):
-    """One dual-stream MMDiT block; returns (img, txt) of the input shapes."""
+def norm_modulate(x: mx.array, shift: mx.array, scale: mx.array, eps: float, switches: Switches) -> mx.array:
+    """LayerNorm(x) * (1 + scale) + shift, x (B, S, D), shift and scale (B, D): the adaLN of every block and of the
+    output norm."""
+    if switches.fused_modulation and switches.fast_layer_norm and shift.shape[0] == 1:
+        # one kernel: the modulation is the norm's affine weight and bias
+        return mx.fast.layer_norm(x, 1 + scale[0], shift[0], eps)
+    x = mx.fast.layer_norm(x, None, None, eps) if switches.fast_layer_norm else layer_norm(x, eps)
+    return (modulate_fused if switches.fused_modulation else modulate)(x, shift, scale)
 
-    def __init__(self, config: TransformerConfig, switches: Switches):
+
+class BlockModulation(nn.Module):
+    """A block's two modulation projections, `img_mod` and `txt_mod` (SiLU then a linear to 6 * dim each)."""
+
+    def __init__(self, dim: int):
         super().__init__()
-        D = config.dim
-        self.eps = config.eps
-        self.switches = switches
-        self.img_mod = [nn.SiLU(), nn.Linear(D, 6 * D)]
-        self.txt_mod = [nn.SiLU(), nn.Linear(D, 6 * D)]
-        self.attn = JointAttention(D, config.num_attention_heads, config.attention_head_dim, config.eps, switches)
-        self.img_mlp = FeedForward(D, switches)
-        self.txt_mlp = FeedForward(D, switches)
+        self.img_mod = [nn.SiLU(), nn.Linear(dim, 6 * dim)]
+        self.txt_mod = [nn.SiLU(), nn.Linear(dim, 6 * dim)]
 
     def modulation(self, temb: mx.array) -> tuple[mx.array, mx.array]:
         """(img, txt) modulation parameters (B, 6D) from the timestep embedding: they depend on sigma only."""
         return self.img_mod[1](nn.silu(temb)), self.txt_mod[1](nn.silu(temb))
 
-    def _norm_modulate(self, x, shift, scale):
-        sw = self.switches
-        if sw.fused_modulation and sw.fast_layer_norm and shift.shape[0] == 1:
-            # LayerNorm, scale and shift in one kernel: the modulation is the norm's affine weight and bias
-            return mx.fast.layer_norm(x, 1 + scale[0], shift[0], self.eps)
-        x = mx.fast.layer_norm(x, None, None, self.eps) if sw.fast_layer_norm else layer_norm(x, self.eps)
-        return (modulate_fused if sw.fused_modulation else modulate)(x, shift, scale)
+
+class TransformerBlock(BlockModulation):
+    """One dual-stream MMDiT block; returns (img, txt) of the input shapes. Built with `modulation=False` it has
+    no img_mod/txt_mod and runs only on modulation given from outside (a `ModulationTable`)."""
+
+    def __init__(self, config: TransformerConfig, switches: Switches, modulation: bool = True):
+        D = config.dim
+        if modulation:
+            super().__init__(D)
+        else:
+            nn.Module.__init__(self)
+        self.eps = config.eps
+        self.switches = switches
+        self.attn = JointAttention(D, config.num_attention_heads, config.attention_head_dim, config.eps, switches)
+        self.img_mlp = FeedForward(D, switches)
+        self.txt_mlp = FeedForward(D, switches)
 
     def _residual(self, h, gate, y):
         return (gate_residual_fused if self.switches.fused_modulation else gate_residual)(h, gate, y)
 
     def __call__(self, img, txt, mod, rope, mask=None):
-        """img (B, N, D), txt (B, L, D); mod = (img_mod, txt_mod) from `modulation`; rope = (cos, sin)."""
+        """img (B, N, D), txt (B, L, D); mod = (img_mod, txt_mod), each (B or 1, 6D); rope = (cos, sin)."""
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mx.split(mod[0], 6, axis=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = mx.split(mod[1], 6, axis=-1)
+        sw, eps = self.switches, self.eps
 
         img_attn, txt_attn = self.attn(
-            self._norm_modulate(img, img_shift1, img_scale1),
-            self._norm_modulate(txt, txt_shift1, txt_scale1),
+            norm_modulate(img, img_shift1, img_scale1, eps, sw),
+            norm_modulate(txt, txt_shift1, txt_scale1, eps, sw),
             rope,
             mask,
         )
         img = self._residual(img, img_gate1, img_attn)
         txt = self._residual(txt, txt_gate1, txt_attn)
 
-        img = self._residual(img, img_gate2, self.img_mlp(self._norm_modulate(img, img_shift2, img_scale2)))
-        txt = self._residual(txt, txt_gate2, self.txt_mlp(self._norm_modulate(txt, txt_shift2, txt_scale2)))
+        img = self._residual(img, img_gate2, self.img_mlp(norm_modulate(img, img_shift2, img_scale2, eps, sw)))
+        txt = self._residual(txt, txt_gate2, self.txt_mlp(norm_modulate(txt, txt_shift2, txt_scale2, eps, sw)))
         return img, txt
 
 
-class AdaLayerNormContinuous(nn.Module):
-    """diffusers' output norm: LayerNorm(x) * (1 + scale) + shift, with scale FIRST in the projected embedding."""
+class OutputModulation(nn.Module):
+    """The output norm's projection `linear` (SiLU then dim -> 2 dim); scale comes FIRST in its output."""
 
-    def __init__(self, dim: int, eps: float, switches: Switches):
+    def __init__(self, dim: int):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
-        self.eps = eps
-        self.switches = switches
 
     def modulation(self, temb: mx.array) -> mx.array:
         return self.linear(nn.silu(temb))
 
+
+class AdaLayerNormContinuous(OutputModulation):
+    """diffusers' output norm: LayerNorm(x) * (1 + scale) + shift. Built with `modulation=False` it has no
+    `linear` and takes its modulation from outside."""
+
+    def __init__(self, dim: int, eps: float, switches: Switches, modulation: bool = True):
+        if modulation:
+            super().__init__(dim)
+        else:
+            nn.Module.__init__(self)
+        self.eps = eps
+        self.switches = switches
+
     def __call__(self, x: mx.array, mod: mx.array) -> mx.array:
         scale, shift = mx.split(mod, 2, axis=-1)
-        if self.switches.fused_modulation and self.switches.fast_layer_norm and mod.shape[0] == 1:
-            return mx.fast.layer_norm(x, 1 + scale[0], shift[0], self.eps)
-        sw = self.switches
-        x = mx.fast.layer_norm(x, None, None, self.eps) if sw.fast_layer_norm else layer_norm(x, self.eps)
-        return (modulate_fused if sw.fused_modulation else modulate)(x, shift, scale)
+        return norm_modulate(x, shift, scale, self.eps, self.switches)
+
+
+@dataclass
+class ModulationTable:
+    """Every block's (img_mod, txt_mod) and the output norm's modulation, one row per sigma: for one forward
+    (a row per batch element, or one row for the whole batch), or for a whole schedule (a row per step)."""
+
+    blocks: list  # [(img (S, 6D), txt (S, 6D))] per block
+    out: mx.array  # (S, 2D)
+
+    def step(self, i: int) -> "ModulationTable":
+        """Row i alone: step i of a schedule's table."""
+        return ModulationTable([(a[i : i + 1], t[i : i + 1]) for a, t in self.blocks], self.out[i : i + 1])
+
+    def arrays(self) -> list[mx.array]:
+        return [a for pair in self.blocks for a in pair] + [self.out]
+
+
+def modulation_table(source, sigmas: mx.array, dtype: mx.Dtype) -> ModulationTable:
+    """The modulation of every block for sigmas (S,), lazily: `source` is a transformer built with its modulation or
+    a `TransformerModulation` (both have `time_text_embed`, `transformer_blocks[i].modulation`, `norm_out`)."""
+    temb = source.time_text_embed(sigmas.astype(dtype), dtype)
+    blocks = [b.modulation(temb) for b in source.transformer_blocks]
+    return ModulationTable(blocks, source.norm_out.modulation(temb))
+
+
+class TransformerModulation(nn.Module):
+    """The part of the transformer that depends on sigma alone, under diffusers' names: the timestep embedder, each
+    block's img_mod/txt_mod and norm_out.linear (6.8B of the real model's 20.4B parameters). A schedule's whole
+    modulation table comes from it before the loop (`modulation_table(module, sigmas, dtype)`), and the
+    transformer that denoises can then be built without these weights."""
+
+    def __init__(self, config: TransformerConfig, switches: Switches | None = None):
+        super().__init__()
+        self.time_text_embed = QwenTimestepProjEmbeddings(config.dim, switches=switches or Switches())
+        self.transformer_blocks = [BlockModulation(config.dim) for _ in range(config.num_layers)]
+        self.norm_out = OutputModulation(config.dim)
 
 
 def _call_block(block, img, txt, mod, rope, mask):
     return block(img, txt, mod, rope, mask)
 
 
-def step_modulations(mods, i: int):
-    """Step i's modulations (batch 1) out of `modulations(sigmas)` computed for a whole schedule."""
-    blocks, out = mods
-    return [(a[i : i + 1], t[i : i + 1]) for a, t in blocks], out[i : i + 1]
-
-
 class QwenImageTransformer(nn.Module):
-    def __init__(self, config: TransformerConfig | None = None, switches: Switches | None = None):
+    """The MMDiT; `modulation=False` builds it without the weights that depend on sigma alone (see
+    `TransformerModulation`), and it then runs only with `mods=` given."""
+
+    def __init__(self, config: TransformerConfig | None = None, switches: Switches | None = None, modulation=True):
         super().__init__()
         self.config = config = config or TransformerConfig()
         self.switches = switches = switches or Switches()
+        self.has_modulation = modulation
         D = config.dim
         self.img_in = nn.Linear(config.in_channels, D)
         self.txt_norm = RMSNorm(config.joint_attention_dim, config.eps, switches)
         self.txt_in = nn.Linear(config.joint_attention_dim, D)
-        self.time_text_embed = QwenTimestepProjEmbeddings(D, switches=switches)
-        self.transformer_blocks = [TransformerBlock(config, switches) for _ in range(config.num_layers)]
-        self.norm_out = AdaLayerNormContinuous(D, config.eps, switches)
+        if modulation:
+            self.time_text_embed = QwenTimestepProjEmbeddings(D, switches=switches)
+        self.transformer_blocks = [TransformerBlock(config, switches, modulation) for _ in range(config.num_layers)]
+        self.norm_out = AdaLayerNormContinuous(D, config.eps, switches, modulation)
         self.proj_out = nn.Linear(D, config.patch_size**2 * config.out_channels)
 
     def set_switches(self, switches: Switches) -> None:
@@ -271,48 +358,6 @@ class QwenImageTransformer(nn.Module):
         for block in self.transformer_blocks:
             block.attn.split_projections()
 
-    @property
-    def modulation_released(self) -> bool:
-        return "time_text_embed" not in self
-
-    def release_modulation(self, blocks=None) -> None:
-        """Drop the timestep embedder and the modulation linears (img_mod, txt_mod, norm_out.linear: 6.8B of the
-        real model's 20.4B parameters). Afterwards the model runs only with `mods=` precomputed (see
-        `modulations`); `restore_modulation` puts weights back. `blocks` limits it to some block indices."""
-        for i in range(len(self.transformer_blocks)) if blocks is None else blocks:
-            b = self.transformer_blocks[i]
-            b.img_mod, b.txt_mod = [], []
-        if blocks is None:
-            delattr(self.norm_out, "linear")
-            delattr(self, "time_text_embed")
-
-    def modulation_names(self) -> list[str]:
-        """The checkpoint names of the weights `release_modulation` drops."""
-        names = [
-            f"transformer_blocks.{i}.{m}.1.{p}"
-            for i in range(self.config.num_layers)
-            for m in ("img_mod", "txt_mod")
-            for p in ("weight", "bias")
-        ]
-        embedder = QwenTimestepProjEmbeddings(self.config.dim, switches=self.switches)
-        names += [f"time_text_embed.{k}" for k, _ in tree_flatten(embedder.parameters())]
-        return names + ["norm_out.linear.weight", "norm_out.linear.bias"]
-
-    def restore_modulation(self, weights: dict) -> None:
-        """Put the modulation weights back (checkpoint names, e.g. from `read_weights(..., keep=...)`); strict."""
-        D = self.config.dim
-        for b in self.transformer_blocks:
-            b.img_mod = [nn.SiLU(), nn.Linear(D, 6 * D)]
-            b.txt_mod = [nn.SiLU(), nn.Linear(D, 6 * D)]
-        self.norm_out.linear = nn.Linear(D, 2 * D)
-        self.time_text_embed = QwenTimestepProjEmbeddings(D, switches=self.switches)
-        names = set(self.modulation_names())
-        if set(weights) != names:
-            missing, extra = sorted(names - set(weights)), sorted(set(weights) - names)
-            raise ValueError(f"restore_modulation: missing {missing[:4]}, unexpected {extra[:4]}")
-        dtype = self.img_in.weight.dtype
-        self.load_weights([(k, v.astype(dtype)) for k, v in weights.items()], strict=False)
-
     def diffusers_weights(self) -> dict:
         """The parameters under the checkpoint's (diffusers') names: fused q/k/v split back into three."""
         out = {}
@@ -326,19 +371,16 @@ class QwenImageTransformer(nn.Module):
                 out[k] = v
         return out
 
-    def modulations(self, sigma: mx.array, dtype: mx.Dtype | None = None):
-        """All modulation parameters for one sigma (B,): ([(img_mod, txt_mod)] per block, out_mod).
-
-        They depend on sigma alone, so they can be computed once for a whole schedule and reused: with S sigmas
-        the arrays hold one row per sigma and `step_modulations(mods, i)` picks step i."""
-        if self.modulation_released:
+    def modulations(self, sigma: mx.array, dtype: mx.Dtype | None = None) -> ModulationTable:
+        """The modulation for sigma (B,) or (1,), or for a whole schedule's sigmas (S,): they depend on sigma
+        alone, so they can be computed once for a schedule and each step's row (`table.step(i)`) reused."""
+        if not self.has_modulation:
             raise ValueError(
-                "this transformer's modulation weights were released (release_modulation): pass mods= computed "
-                "before, or put them back with restore_modulation"
+                "this transformer was built without its modulation weights (modulation=False: the pipeline's "
+                "schedule_modulation computes them up front): pass mods= (a ModulationTable row, e.g. "
+                "pipe.modulation_table(steps, grid).step(i)), or build it with modulation=True"
             )
-        dtype = dtype or self.img_in.weight.dtype
-        temb = self.time_text_embed(sigma.astype(dtype), dtype)
-        return [b.modulation(temb) for b in self.transformer_blocks], self.norm_out.modulation(temb)
+        return modulation_table(self, sigma, dtype or self.img_in.weight.dtype)
 
     def rope(self, h: int, w: int, text_len: int):
         """The joint (cos, sin) RoPE table for a (h, w) patch grid and text_len tokens."""
@@ -353,13 +395,13 @@ class QwenImageTransformer(nn.Module):
         grid: tuple[int, int],
         text_mask: mx.array | None = None,
         *,
-        mods=None,
+        mods: ModulationTable | None = None,
         block_hook=None,
     ) -> mx.array:
-        """latents (B, N, in_channels), text (B, L, joint_attention_dim), sigma (B,) or (1,) -> (B, N, 64).
+        """latents (B, N, in_channels), text (B, L, joint_attention_dim), sigma (B,) or (1,) -> (B, N, out).
 
-        `text_mask` (B, L), 1 for real tokens, hides padded text keys. `mods` takes precomputed
-        `modulations(sigma)` instead of sigma; `block_hook(i, img, txt)` is called after each block
+        `text_mask` (B, L), 1 for real tokens, hides padded text keys. `mods` takes a precomputed
+        `ModulationTable` row instead of sigma; `block_hook(i, img, txt)` is called after each block
         (for the eval-placement experiment) and may return replacements."""
         B, N, C = latents.shape
         h, w = grid
@@ -374,7 +416,6 @@ class QwenImageTransformer(nn.Module):
         txt = self.txt_in(self.txt_norm(text))
         if mods is None:
             mods = self.modulations(sigma, img.dtype)
-        block_mods, out_mod = mods
         mask = None if text_mask is None else joint_key_mask(text_mask, N)
 
         cached = self.switches.rope_cache
@@ -383,7 +424,97 @@ class QwenImageTransformer(nn.Module):
         for i, block in enumerate(self.transformer_blocks):
             if not cached:  # the seed's baseline: the table rebuilt inside every block
                 rope = build_rope_table(h, w, L, self.config.axes_dims_rope)
-            img, txt = run(block, img, txt, block_mods[i], rope, mask)
+            img, txt = run(block, img, txt, mods.blocks[i], rope, mask)
             if block_hook is not None:
                 img, txt = block_hook(i, img, txt) or (img, txt)
-        return self.proj_out(self.norm_out(img, out_mod))
+        return self.proj_out(self.norm_out(img, mods.out))
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _quantize_as_stored(model: nn.Module, stored: dict | None, prefix: str = ""):
+    """Give a model (or a part of one, at checkpoint path `prefix`) the quantized structure of a folder written by
+    `save_pretrained`, before its tensors load."""
+    if not stored:
+        return None
+    bits, group = stored["bits"], stored.get("group_size", GROUP_SIZE)
+    return quantize_transformer(model, bits, group, stored.get("modulation_bits", MODULATION_BITS), prefix)
+
+
+def prepare_transformer(model: QwenImageTransformer, quantize: int | None = None, switches: Switches | None = None):
+    """A loaded transformer made ready to run: quantized to `quantize` bits (lazily, unless it already is) and its
+    q/k/v fused when `switches.fused_qkv`. Returns the QuantizationReport, or None."""
+    report = None
+    if quantize and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+        report = quantize_transformer(model, quantize)
+    if (switches or model.switches).fused_qkv:
+        model.fuse_projections()  # after loading, which is strict on the checkpoint's separate names
+    return report
+
+
+def load_transformer(
+    folder,
+    dtype: mx.Dtype = mx.bfloat16,
+    quantize: int | None = None,
+    switches: Switches | None = None,
+    modulation: bool = True,
+    adjust=None,
+):
+    """(model, QuantizationReport or None) from a checkpoint's `transformer/` folder, lazily (nothing is read until
+    evaluated): strict on diffusers' names, then quantized (lazily too) and q/k/v fused as `switches` say. A folder
+    written by `save_pretrained` with a `quantization` entry is loaded in that structure. `modulation=False` leaves
+    out the weights that depend on sigma alone (`is_timestep_weight`): they are not even read. `adjust(weights)`
+    may change the checkpoint-named weights before they load (a LoRA merged before quantizing)."""
+    folder = Path(folder)
+    raw = read_config(folder)
+    switches = switches or Switches()
+    stored = raw.get("quantization")
+    if stored and quantize not in (None, stored["bits"]):
+        raise ValueError(
+            f"{folder} holds a {stored['bits']}-bit transformer: load it with quantize=None (or {stored['bits']}); "
+            "to change the bits, quantize the original checkpoint"
+        )
+    model = QwenImageTransformer(TransformerConfig.from_dict(raw), switches, modulation)
+    stored_report = _quantize_as_stored(model, stored)
+    keep = None if modulation else (lambda name: not is_timestep_weight(name))
+    weights = read_weights(folder, dtype, keep=keep)
+    if adjust is not None:
+        weights = adjust(weights)
+    load_strict(model, weights, "transformer")
+    report = prepare_transformer(model, None if stored else quantize, switches)
+    return model, stored_report or report
+
+
+def load_modulation_table(
+    folder, sigmas: mx.array, dtype: mx.Dtype = mx.bfloat16, quantize: int | None = None, adjust=None
+) -> ModulationTable:
+    """A schedule's `ModulationTable` straight from a checkpoint's `transformer/` folder, reading the weights that
+    depend on sigma alone one block at a time: each block's img_mod/txt_mod are read, used, evaluated and dropped,
+    so at most one block's projections are in memory (2 x 57M parameters in the real model), never all 6.8B. With
+    `quantize` (or a quantized folder) they are quantized as in the quantized transformer, so the table is the one
+    that model would compute. `adjust(weights)` may change the checkpoint-named weights first (a LoRA)."""
+    folder = Path(folder)
+    raw = read_config(folder)
+    config, stored = TransformerConfig.from_dict(raw), raw.get("quantization")
+    weights = read_weights(folder, dtype, keep=is_timestep_weight)
+    if adjust is not None:
+        weights = adjust(weights)
+
+    def part(module: nn.Module, prefix: str) -> nn.Module:
+        _quantize_as_stored(module, stored, prefix)
+        names = {k: k[len(prefix) :] for k in weights if k.startswith(prefix)}
+        load_strict(module, {short: weights.pop(k) for k, short in names.items()}, "transformer", prefix)
+        if quantize and not stored:
+            quantize_transformer(module, quantize, prefix=prefix)
+        return module
+
+    embedder = part(QwenTimestepProjEmbeddings(config.dim), "time_text_embed.")
+    temb = embedder(sigmas.astype(dtype), dtype)
+    mx.eval(temb)
+    blocks = []
+    for i in range(config.num_layers):
+        mods = part(BlockModulation(config.dim), f"transformer_blocks.{i}.").modulation(temb)
+        mx.eval(mods)  # this block's projections are read here and dropped with the module
+        blocks.append(mods)
+    out = part(OutputModulation(config.dim), "norm_out.").modulation(temb)
+    mx.eval(out)
+    return ModulationTable(blocks, out)

@@ -30,14 +30,14 @@ backend allocates the buffers of all queued work ahead of running it).
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .loading import load_strict, read_config, read_weights
+from .loading import Config, load_strict, read_weights
 
 LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -57,7 +57,7 @@ TILE = 96
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(Config):
     """`vae/config.json` of Qwen/Qwen-Image; the defaults are the real checkpoint."""
 
     base_dim: int = 96
@@ -75,11 +75,16 @@ class VAEConfig:
         for name in ("latents_mean", "latents_std"):
             if len(getattr(self, name)) != self.z_dim:
                 raise ValueError(f"{name} has {len(getattr(self, name))} values; it needs z_dim = {self.z_dim}")
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temperal_downsample has {len(self.temperal_downsample)} entries; the VAE downsamples between its "
+                f"{len(self.dim_mult)} levels, so it needs len(dim_mult) - 1 = {len(self.dim_mult) - 1}"
+            )
 
     @property
     def scale_factor(self) -> int:
-        """Pixels per latent pixel along each side (8)."""
-        return 2 ** (len(self.dim_mult) - 1)
+        """Pixels per latent pixel along each side (8): 2 ** len(temperal_downsample), as diffusers reads it."""
+        return 2 ** len(self.temperal_downsample)
 
     @property
     def tile_margin(self) -> float:
@@ -97,12 +102,6 @@ class VAEConfig:
     def exact_overlap(self) -> int:
         """The smallest tile overlap (latent pixels) at which tiled decoding is exact."""
         return math.ceil(2 * self.tile_margin)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        """From a `config.json` dict; keys this model does not use (`_class_name`, `dropout`...) are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def tiny(cls, **overrides) -> "VAEConfig":
@@ -178,13 +177,6 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out.reshape(B, H, W, C))
 
 
-class Identity(nn.Module):
-    """Stands in for diffusers' parameter-free first `resample` entry, so the conv keeps the name `resample.1`."""
-
-    def __call__(self, x):
-        return x
-
-
 def upsample2x(x: mx.array) -> mx.array:
     """Nearest-neighbour x2 ("nearest-exact" at an integer factor): (B, H, W, C) -> (B, 2H, 2W, C)."""
     B, H, W, C = x.shape
@@ -210,14 +202,14 @@ class Upsample(nn.Module):
     the width; (B, H, W, C) -> (B, 2H, 2W, C/2). (upsample3d's `time_conv` never runs for one frame.)
 
     With `subpixel` (the default) the conv runs at the input resolution as four 2x2 phase kernels in one conv
-    (16 instead of 36 multiply-adds per output pixel and channel pair, and no upsampled copy of the input);
-    the result is the same up to float rounding."""
+    (per 2x2 block of outputs and channel pair, 4 x 4 = 16 multiply-adds instead of 4 x 9 = 36, and no upsampled
+    copy of the input); the result is the same up to float rounding. `resample.0` stands for diffusers'
+    parameter-free upsampling layer, so the conv keeps the name `resample.1`."""
 
-    subpixel = True
-
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, subpixel: bool = True):
         super().__init__()
-        self.resample = [Identity(), conv3x3(dim, dim // 2)]
+        self.resample = [nn.Identity(), conv3x3(dim, dim // 2)]
+        self.subpixel = subpixel
 
     def __call__(self, x: mx.array) -> mx.array:
         conv = self.resample[1]
@@ -238,7 +230,7 @@ class Downsample(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.resample = [Identity(), nn.Conv2d(dim, dim, 3, stride=2)]
+        self.resample = [nn.Identity(), nn.Conv2d(dim, dim, 3, stride=2)]
 
     def __call__(self, x: mx.array) -> mx.array:
         conv = self.resample[1]
@@ -290,11 +282,11 @@ class Encoder(nn.Module):
 class UpBlock(nn.Module):
     """`QwenImageUpBlock`: num_res_blocks + 1 resnets, then an optional upsampler."""
 
-    def __init__(self, dim_in: int, dim_out: int, num_res_blocks: int, upsample: bool):
+    def __init__(self, dim_in: int, dim_out: int, num_res_blocks: int, upsample: bool, subpixel: bool = True):
         super().__init__()
         self.resnets = [ResidualBlock(dim_in if i == 0 else dim_out, dim_out) for i in range(num_res_blocks + 1)]
         if upsample:
-            self.upsamplers = [Upsample(dim_out)]
+            self.upsamplers = [Upsample(dim_out, subpixel)]
 
     def __call__(self, x: mx.array) -> mx.array:
         for resnet in self.resnets:
@@ -306,7 +298,7 @@ class Decoder(nn.Module):
     """`QwenImageDecoder3d` for one frame: (B, h, w, z_dim) -> (B, 8h, 8w, 3), unclamped. `features` is its
     latent-resolution part (conv_in, mid block), `pixels` the up blocks and output head."""
 
-    def __init__(self, config: VAEConfig):
+    def __init__(self, config: VAEConfig, subpixel: bool = True):
         super().__init__()
         mult = config.dim_mult
         dims = [config.base_dim * m for m in (mult[-1], *mult[::-1])]
@@ -315,7 +307,8 @@ class Decoder(nn.Module):
         self.up_blocks = []
         for i, (dim_in, dim_out) in enumerate(zip(dims[:-1], dims[1:])):
             dim_in = dim_in // 2 if i > 0 else dim_in  # each upsampler halved the width
-            self.up_blocks.append(UpBlock(dim_in, dim_out, config.num_res_blocks, upsample=i != len(mult) - 1))
+            last = i == len(mult) - 1
+            self.up_blocks.append(UpBlock(dim_in, dim_out, config.num_res_blocks, not last, subpixel))
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = conv3x3(dims[-1], 3)
 
@@ -370,15 +363,16 @@ def _blend_weights(starts: list[int], tile: int, size: int, margin: int) -> list
 
 
 class AutoencoderKLQwenImage(nn.Module):
-    """diffusers' `AutoencoderKLQwenImage` for single images, channels-last, parameter names verbatim."""
+    """diffusers' `AutoencoderKLQwenImage` for single images, channels-last, parameter names verbatim.
+    `subpixel=False` upsamples in the decoder the plain way (nearest x2, then the 3x3 conv), for comparison."""
 
-    def __init__(self, config: VAEConfig | None = None):
+    def __init__(self, config: VAEConfig | None = None, subpixel: bool = True):
         super().__init__()
         self.config = config or VAEConfig()
         self.encoder = Encoder(self.config)
         self.quant_conv = nn.Linear(2 * self.config.z_dim, 2 * self.config.z_dim)
         self.post_quant_conv = nn.Linear(self.config.z_dim, self.config.z_dim)
-        self.decoder = Decoder(self.config)
+        self.decoder = Decoder(self.config, subpixel)
 
     def _check_latents(self, z: mx.array) -> None:
         zd = self.config.z_dim
@@ -463,10 +457,10 @@ class AutoencoderKLQwenImage(nn.Module):
         return out
 
 
-def load_vae(folder, dtype: mx.Dtype = mx.float32) -> AutoencoderKLQwenImage:
+def load_vae(folder, dtype: mx.Dtype = mx.float32, subpixel: bool = True) -> AutoencoderKLQwenImage:
     """The VAE of a checkpoint's `vae/` folder (config.json + safetensors in diffusers' layout), lazily loaded."""
     folder = Path(folder)
-    model = AutoencoderKLQwenImage(VAEConfig.from_dict(read_config(folder)))
+    model = AutoencoderKLQwenImage(VAEConfig.from_folder(folder), subpixel)
     model.set_dtype(dtype)
     load_strict(model, model.sanitize(read_weights(folder, dtype)), f"VAE ({folder})")
     return model

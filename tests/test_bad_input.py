@@ -106,9 +106,8 @@ def test_negative_prompt_not_a_string(pipe):
         gen(pipe, negative_prompt=["x"])
 
 
-def test_prompt_over_1024_tokens_gives_the_count(pipe, monkeypatch):
-    calls = []
-    monkeypatch.setattr(QwenImagePipeline, "load_text_encoder", lambda self: calls.append(1))
+def test_prompt_over_1024_tokens_gives_the_count(pipe):
+    builds = pipe.components.builds["text_encoder"]
     prompt = "fox " * 1200
     n = len(pipe.tokenizer.encode(prompt))
     with pytest.raises(ValueError, match=r"the prompt is \d+ tokens long") as e:
@@ -118,7 +117,7 @@ def test_prompt_over_1024_tokens_gives_the_count(pipe, monkeypatch):
     assert "shorten it" in str(e.value)
     with pytest.raises(ValueError, match="tokens long"):
         gen(pipe, negative_prompt=prompt)
-    assert not calls  # refused before the text encoder was loaded
+    assert pipe.components.builds["text_encoder"] == builds  # refused before the text encoder was loaded
 
 
 # ---------------------------------------------------------------------------------------------- loading

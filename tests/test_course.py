@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nbformat
 
-from qwen_nb import course
+from qwen_nb import course_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +48,9 @@ def _notebook(counts, outputs):
 
 def test_check_notebook_finds_what_must_not_be_committed():
     clean = _notebook([1, 2], [[], [nbformat.v4.new_output("stream", name="stdout", text="ok\n")]])
-    assert course.check_notebook(clean) == []
-    assert "execution counts" in course.check_notebook(_notebook([1, 3], [[], []]))[0]
+    assert course_runner.check_notebook(clean) == []
+    assert "execution counts" in course_runner.check_notebook(_notebook([1, 3], [[], []]))[0]
     error = nbformat.v4.new_output("error", ename="ValueError", evalue="bad", traceback=[])
-    assert "error output: ValueError: bad" in course.check_notebook(_notebook([1], [[error]]))[0]
+    assert "error output: ValueError: bad" in course_runner.check_notebook(_notebook([1], [[error]]))[0]
     local = nbformat.v4.new_output("stream", name="stdout", text=f"saved to {ROOT}/x.png\n")
-    assert "local path" in course.check_notebook(_notebook([1], [[local]]))[0]
+    assert "local path" in course_runner.check_notebook(_notebook([1], [[local]]))[0]

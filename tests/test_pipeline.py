@@ -14,10 +14,12 @@ from mlx.utils import tree_flatten
 import qwen_nb.memory as memory
 import qwen_nb.pipeline as pipeline_module
 from qwen_nb.memory import MemoryPlanError, plan_memory
-from qwen_nb.pipeline import GenerationInterrupted, QwenImagePipeline, batch_texts
-from qwen_nb.quantize import quantize_transformer
+from qwen_nb.pipeline import GenerationInterrupted, QwenImagePipeline
+from qwen_nb.quantize import is_modulation, is_timestep_weight, quantize_transformer
 from qwen_nb.switches import Switches
-from qwen_nb.transformer import QwenImageTransformer, TransformerConfig
+from qwen_nb.text_encoder import load_text_encoder
+from qwen_nb.transformer import QwenImageTransformer, TransformerConfig, load_transformer
+from qwen_nb.vae import load_vae
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tiny_pipeline"
 LAYOUTS = ["layout_a", "layout_b"]
@@ -67,19 +69,19 @@ def test_parity_with_diffusers(pipe, name):
     assert diff <= 2
 
 
-PIPELINE_SWITCHES = {
-    "baseline": Switches.baseline(),
-    "no_batched_cfg": Switches().only(batched_cfg=False),
-    "no_schedule_modulation": Switches().only(schedule_modulation=False),
-    "no_fused_qkv": Switches().only(fused_qkv=False),
+PIPELINE_SETTINGS = {
+    "baseline": dict(switches=Switches.baseline(), batched_cfg=False, schedule_modulation=False),
+    "no_batched_cfg": dict(batched_cfg=False),
+    "no_schedule_modulation": dict(schedule_modulation=False),
+    "no_fused_qkv": dict(switches=Switches().only(fused_qkv=False)),
 }
 
 
-@pytest.mark.parametrize("setting", list(PIPELINE_SWITCHES))
-def test_pipeline_switches_keep_diffusers_parity(setting):
-    """Every pipeline-level technique off (and everything off) gives diffusers' latents within 1e-5 too: CFG as
-    two passes or one padded batch (the two prompts have different lengths), modulation per step or up front."""
-    pipe = load(switches=PIPELINE_SWITCHES[setting])
+@pytest.mark.parametrize("setting", list(PIPELINE_SETTINGS))
+def test_pipeline_options_keep_diffusers_parity(setting):
+    """Every pipeline option off (and every model switch off too) gives diffusers' latents within 1e-5: CFG as
+    two passes (the two prompts have different lengths), modulation per step or up front, q/k/v apart."""
+    pipe = load(**PIPELINE_SETTINGS[setting])
     for name in ("square_cfg", "wide_long_negative"):  # negative shorter, then longer than the prompt
         steps = []
         image = run_case(pipe, name, callback=lambda i, x, steps=steps: steps.append(np.array(x[0])))
@@ -122,14 +124,14 @@ def test_auto_memory_limit_is_the_weights_plus_a_margin_while_denoising():
     )
     assert pixel_diff(image, "square_cfg") <= 2
     limit, active = seen[0]
-    margin = pipeline_module.AUTO_LIMIT_MARGIN  # over what is held once the weights are in (tiny here)
+    margin = memory.AUTO_LIMIT_MARGIN  # over what is held once the weights are in (tiny here)
     assert margin - 10**8 <= limit - active <= margin + 10**7
     assert mx.get_memory_limit() == before
 
 
-def _run_counting_batches(switches, prompt, negative):
+def _run_counting_batches(prompt, negative, **options):
     """(every step's latents, the batch size of every transformer call) of a 3-step CFG generation."""
-    pipe = load(switches=switches)
+    pipe = load(**options)
     assert pipe.encode(prompt)[0].shape == pipe.encode(negative)[0].shape
     model = pipe.transformer
     batches, steps = [], []
@@ -142,7 +144,7 @@ def _run_counting_batches(switches, prompt, negative):
             batches.append(x.shape[0])
             return model(x, *args, **kw)
 
-    pipe._transformer = Spy()
+    pipe.components.replace("transformer", Spy())
     pipe.generate(prompt, negative, 64, 64, steps=3, seed=0, progress=False, callback=lambda i, x: steps.append(x))
     return np.stack([np.array(x) for x in steps]), batches
 
@@ -151,39 +153,31 @@ def test_batched_cfg_equals_two_passes_when_texts_have_one_length():
     """CFG as one batch of two runs only when no padding is needed; it must give the two passes' latents (which
     the parity test above ties to diffusers) within 1e-5, and it must really run as a batch of two."""
     prompt, negative = "a red fox in the snow", "a red fox on the snow"  # one length in the tiny tokenizer
-    batched, batches = _run_counting_batches(Switches(), prompt, negative)
-    two, passes = _run_counting_batches(Switches().only(batched_cfg=False), prompt, negative)
+    batched, batches = _run_counting_batches(prompt, negative)
+    two, passes = _run_counting_batches(prompt, negative, batched_cfg=False)
     assert batches == [2, 2, 2] and passes == [1] * 6
     np.testing.assert_allclose(batched, two, rtol=1e-5, atol=1e-5)
 
 
-def test_modulation_weights_released_after_scheduling_and_read_again():
-    """With `schedule_modulation`, a generation computes every step's modulation first and drops the weights
-    (a third of the real transformer); another schedule reads them back from the checkpoint, exactly."""
+def test_transformer_runs_without_its_modulation_weights_read_per_schedule(monkeypatch):
+    """With `schedule_modulation`, the denoising transformer never holds the weights that depend on sigma alone (a
+    third of the real model); each new schedule's table is read from the checkpoint block by block, and the same
+    schedule again reads nothing."""
+    import qwen_nb.transformer as transformer_module
+
+    reads = []
+    real = transformer_module.load_modulation_table
+    monkeypatch.setattr(pipeline_module, "load_modulation_table", lambda *a, **k: reads.append(1) or real(*a, **k))
     pipe = load()
-    assert CASES["square_cfg"]["steps"] != CASES["cjk_emoji_single"]["steps"] or (
-        CASES["square_cfg"]["height"] != CASES["cjk_emoji_single"]["height"]
-    )
-    full = {k for k, _ in tree_flatten(pipe.load_transformer().parameters())}
-    for name in ("square_cfg", "cjk_emoji_single", "square_cfg"):  # schedules differ: released, read, released
+    full = load_transformer(FIXTURES / "layout_a" / "transformer", mx.float32)[0].diffusers_weights()
+    for name, total_reads in (("square_cfg", 1), ("cjk_emoji_single", 2), ("square_cfg", 3), ("square_cfg", 3)):
         assert pixel_diff(run_case(pipe, name), name) <= 2
-        model = pipe.transformer
-        assert model.modulation_released
-        held = {k for k, _ in tree_flatten(model.parameters())}
-        assert held == full - set(model.modulation_names())
-        assert not any(".img_mod." in k or ".txt_mod." in k or k.startswith("time_text_embed") for k in held)
+        assert set(pipe.transformer.diffusers_weights()) == {k for k in full if not is_timestep_weight(k)}
+        assert len(reads) == total_reads
+    assert pipe.components.builds["transformer"] == 1
     quantized = load(quantize=8)
     run_case(quantized, "square_cfg")
-    assert not quantized.transformer.modulation_released  # 8-bit modulation stays: re-quantizing is not exact
-
-
-def test_batch_texts_pads_and_masks():
-    a, b = mx.ones((1, 5, 3)), 2 * mx.ones((1, 2, 3))
-    text, mask = batch_texts((a, None), (b, None))
-    assert text.shape == (2, 5, 3) and mask.tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
-    assert text[1, 2:].abs().max().item() == 0 and text[1, :2].min().item() == 2
-    text, mask = batch_texts((a, None), (a, None))
-    assert text.shape == (2, 5, 3) and mask is None
+    assert not any(is_timestep_weight(k) for k in quantized.transformer.diffusers_weights())
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -233,37 +227,25 @@ def test_stats_report_times_and_peak_memory():
 
 
 # ---------------------------------------------------------------------------------------------- text side
-def test_prompt_cache_and_sequenced_text_encoder(monkeypatch):
+def test_prompt_cache_and_sequenced_text_encoder():
     """keep_text_encoder=False: the text encoder is freed after encoding, and the transformer before the text
     encoder comes back for a new prompt; a (prompt, negative) pair seen before needs no text encoder at all."""
-    calls = {"te": 0, "tr": 0}
-    real_te, real_tr = QwenImagePipeline.load_text_encoder, QwenImagePipeline.load_transformer
-
-    def count_te(self):
-        calls["te"] += 1
-        return real_te(self)
-
-    def count_tr(self):
-        calls["tr"] += 1
-        return real_tr(self)
-
-    monkeypatch.setattr(QwenImagePipeline, "load_text_encoder", count_te)
-    monkeypatch.setattr(QwenImagePipeline, "load_transformer", count_tr)
     pipe = load(keep_text_encoder=False)
     assert not pipe.keep_text_encoder
+    builds = lambda: {k: pipe.components.builds[k] for k in ("text_encoder", "transformer")}  # noqa: E731
     first = np.asarray(run_case(pipe, "square_cfg"))
-    assert pipe._text_encoder is None and pipe._transformer is not None
-    assert calls == {"te": 1, "tr": 1}
+    assert not pipe.components.loaded("text_encoder") and pipe.components.loaded("transformer")
+    assert builds() == {"text_encoder": 1, "transformer": 1}
     again = np.asarray(run_case(pipe, "square_cfg"))  # cached: no text encoder, transformer kept
-    assert calls == {"te": 1, "tr": 1} and np.array_equal(first, again)
+    assert builds() == {"text_encoder": 1, "transformer": 1} and np.array_equal(first, again)
     assert pixel_diff(again, "square_cfg") <= 2
     run_case(pipe, "cjk_emoji_single")  # new prompt: transformer released, text encoder loaded, then swapped back
-    assert calls == {"te": 2, "tr": 2}
-    assert pipe._text_encoder is None
+    assert builds() == {"text_encoder": 2, "transformer": 2}
+    assert not pipe.components.loaded("text_encoder")
 
     kept = load(keep_text_encoder=True)
     run_case(kept, "square_cfg")
-    assert kept._text_encoder is not None and kept._transformer is not None
+    assert kept.components.loaded("text_encoder") and kept.components.loaded("transformer")
 
 
 def test_long_prompt_is_cut_to_max_sequence_length_like_diffusers(capsys):
@@ -305,7 +287,7 @@ def count_layers(model):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_every_linear_modulation_at_8_bits(bits):
-    pipe = load(quantize=bits)
+    pipe = load(quantize=bits, schedule_modulation=False)  # the modulation in the model, to count it there
     t = pipe.transformer
     assert count_layers(t)[0] == 2 * 10 + 6  # q, k, v fused: one quantized linear per stream instead of three
     t.split_projections()  # counted as the checkpoint has them
@@ -374,15 +356,17 @@ def test_unquantized_save_round_trip_and_no_overwrite(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- memory plan
-def test_plan_component_bytes_equal_loaded_parameters():
-    """The plan reads only safetensors headers; its byte counts equal the loaded models' parameters."""
-    pipe = load()
-    plan = plan_memory(FIXTURES / "layout_a", mx.float32)
+@pytest.mark.parametrize("split", [True, False])
+def test_plan_component_bytes_equal_loaded_parameters(split):
+    """The plan reads only safetensors headers; its byte counts equal the loaded models' parameters (the
+    transformer without its timestep weights under schedule_modulation)."""
+    pipe = load(schedule_modulation=split)
+    plan = plan_memory(FIXTURES / "layout_a", mx.float32, schedule_modulation=split)
     nbytes = lambda m: sum(v.nbytes for _, v in tree_flatten(m.parameters()))
     assert plan.components["transformer"] == nbytes(pipe.transformer)
     assert plan.components["text_encoder"] == nbytes(pipe.text_encoder)
-    q = load(quantize=4)
-    plan4 = plan_memory(FIXTURES / "layout_a", mx.float32, quantize=4)
+    q = load(quantize=4, schedule_modulation=split)
+    plan4 = plan_memory(FIXTURES / "layout_a", mx.float32, quantize=4, schedule_modulation=split)
     assert plan4.components["transformer"] == nbytes(q.transformer)
 
 
@@ -406,7 +390,7 @@ def test_plan_real_checkpoint_sizes(tmp_path):
     shapes = memory.tensor_shapes(folder)
     assert memory.component_bytes(shapes, mx.bfloat16) == 40_860_802_176
     linear = sum(v.size for k, v in params.items() if v.ndim == 2)
-    mod = sum(v.size for k, v in params.items() if v.ndim == 2 and memory.is_modulation(k))
+    mod = sum(v.size for k, v in params.items() if v.ndim == 2 and is_modulation(k))
     rest = 2 * sum(v.size for k, v in params.items() if v.ndim != 2)
     assert mod == 60 * 2 * 3072 * 18432 + 3072 * 6144
     for bits in (8, 4):
@@ -444,7 +428,7 @@ def test_memory_plan_sequences_the_text_encoder_when_needed(monkeypatch):
     pipe = load()
     assert not pipe.keep_text_encoder  # chosen by the plan
     assert pixel_diff(run_case(pipe, "square_cfg"), "square_cfg") <= 2
-    assert pipe._text_encoder is None
+    assert not pipe.components.loaded("text_encoder")
     with pytest.raises(MemoryPlanError, match="free the text encoder"):
         load(keep_text_encoder=True)
 
@@ -485,28 +469,46 @@ def test_pipeline_module_lists_model_card_presets():
 
 
 def test_from_components_with_builders_sequences_like_a_checkpoint():
+    folder = FIXTURES / "layout_a"
     src = load()
     calls = []
 
     def build_text_encoder():
         calls.append("te")
-        return src.load_text_encoder()
+        return load_text_encoder(folder / "text_encoder", mx.float32)
+
+    def build_transformer(modulation=True):  # it takes `modulation`: the pipeline may build it without
+        calls.append(f"tr modulation={modulation}")
+        return load_transformer(folder / "transformer", mx.float32, modulation=modulation)[0]
 
     pipe = QwenImagePipeline.from_components(
         src.tokenizer,
-        src.load_transformer,
+        build_transformer,
         build_text_encoder,
-        src.load_vae(),  # a module is accepted too
+        load_vae(folder / "vae", mx.float32),  # a module is accepted too
         src.scheduler_config,
         dtype=mx.float32,
         keep_text_encoder=False,
         verbose=False,
     )
     assert pixel_diff(run_case(pipe, "square_cfg"), "square_cfg") <= 2
-    assert pipe._text_encoder is None and calls == ["te"]
+    assert not pipe.components.loaded("text_encoder")
+    assert calls.count("te") == 1 and "tr modulation=True" in calls  # the table came from a whole build
+    assert not any(is_timestep_weight(k) for k in pipe.transformer.diffusers_weights())
     assert pixel_diff(run_case(pipe, "cjk_emoji_single"), "cjk_emoji_single") <= 2
-    assert calls == ["te", "te"]
-    assert set(pipe.last_stats.stage_peaks_gb) == {"text", "weights", "denoise", "decode"}
+    assert calls.count("te") == 2
+    assert set(pipe.last_stats.stage_peaks_gb) >= {"text", "weights", "denoise", "decode"}
+
+    whole = QwenImagePipeline.from_components(  # a module keeps its own modulation weights
+        src.tokenizer,
+        load_transformer(folder / "transformer", mx.float32)[0],
+        load_text_encoder(folder / "text_encoder", mx.float32),
+        load_vae(folder / "vae", mx.float32),
+        src.scheduler_config,
+        dtype=mx.float32,
+        verbose=False,
+    )
+    assert pixel_diff(run_case(whole, "square_cfg"), "square_cfg") <= 2
 
 
 def bf16_round(x: np.ndarray) -> np.ndarray:
@@ -520,7 +522,7 @@ def test_bf16_sigma_is_rounded_as_diffusers_rounds_it():
     """diffusers passes `t.to(bf16) / 1000` (spec 1.3): sigma = bf16(bf16(1000 sigma) / 1000), e.g. 989.70 -> 988."""
     from qwen_nb.scheduler import flow_match_sigmas
 
-    pipe = QwenImagePipeline.from_pretrained(FIXTURES / "layout_a", verbose=False)  # bfloat16
+    pipe = QwenImagePipeline.from_pretrained(FIXTURES / "layout_a", dtype=mx.bfloat16, verbose=False)
     real = pipe.transformer
     seen = []
 
@@ -534,18 +536,9 @@ def test_bf16_sigma_is_rounded_as_diffusers_rounds_it():
             return real(x, text, sigma, grid, mask, **kw)
 
     scheduled = []  # the sigmas the whole schedule's modulation is computed from, all steps at once
-
-    class SpyEmbedder(nn.Module):  # a module, so the transformer still holds a timestep embedder
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def __call__(self, sigma, dtype):
-            scheduled.append(np.array(sigma.astype(mx.float32)))
-            return self.inner(sigma, dtype)
-
-    real.time_text_embed = SpyEmbedder(real.time_text_embed)
-    pipe._transformer = Spy()
+    read = pipe._read_modulation
+    pipe._read_modulation = lambda sigmas: scheduled.append(np.array(sigmas.astype(mx.float32))) or read(sigmas)
+    pipe.components.replace("transformer", Spy())
     image = pipe.generate("a fox", None, 64, 64, steps=5, seed=0, progress=False)
     t = flow_match_sigmas(5, 16)[:-1] * np.float32(1000)
     expected = bf16_round(bf16_round(t) / np.float32(1000))

@@ -179,10 +179,13 @@ def test_keyboard_interrupt_in_preview_stops_cleanly(pipe):
 
 # ---------------------------------------------------------------------------------------------- the panel
 def test_panel_generates_what_generate_makes(pipe):
-    from qwen_nb.panel import SMALL_SIZES, Panel, sizes_for
+    from qwen_nb.panel import Panel, sizes_for
 
-    assert sizes_for(pipe) == SMALL_SIZES  # a tiny transformer: its own small size, not the model card's
-    p = Panel(pipe, prompt=PROMPT, steps=4, seed=9)
+    # a checkpoint that declares no native size: 1024x1024 and the model card's; the demo model: its one size
+    assert list(sizes_for(pipe).values())[:2] == [(1024, 1024), (1328, 1328)] and len(sizes_for(pipe)) == 8
+    demo = QwenImagePipeline.from_pretrained(DEMO, dtype=mx.float32, verbose=False)
+    assert list(sizes_for(demo).values()) == [demo.native_size[::-1]]
+    p = Panel(pipe, prompt=PROMPT, steps=4, seed=9, sizes={"64x64": (64, 64)})
     image = p.generate_now()
     assert p.done.is_set() and p.error is None
     expect = pipe.generate(PROMPT, " ", 64, 64, steps=4, cfg_scale=4.0, seed=9, progress=False)
@@ -197,7 +200,7 @@ def test_panel_generates_what_generate_makes(pipe):
 def test_panel_runs_in_a_thread_and_stop_interrupts_it(pipe):
     from qwen_nb.panel import Panel
 
-    p = Panel(pipe, prompt=PROMPT, steps=50, seed=1)
+    p = Panel(pipe, prompt=PROMPT, steps=50, seed=1, sizes={"64x64": (64, 64)})
 
     def press_stop(change):  # as soon as the first preview shows
         p.stop()

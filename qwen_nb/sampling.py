@@ -1,0 +1,110 @@
+"""The sampling loop of diffusers' `QwenImagePipeline.__call__`, as a generator.
+
+`Schedule` is computed once per generation: the scheduler's sigmas, the first step that runs (img2img skips some),
+and the sigmas the transformer sees (rounded as diffusers rounds them). `denoise(model, x, text, ...)` yields the
+packed latents after every step, unevaluated: the caller decides where `mx.eval` goes (once per step in
+`QwenImagePipeline.generate`; notebook 10 tries the other places with the same loop).
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .scheduler import SchedulerConfig, cfg_combine, euler_step, flow_match_sigmas
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The sigmas of one generation: steps + 1 values ending in 0 (float32), and the index of the first step run."""
+
+    sigmas: np.ndarray
+    start: int = 0
+    num_train_timesteps: int = 1000
+
+    @classmethod
+    def make(cls, config: SchedulerConfig, steps: int, image_seq_len: int, strength: float = 1.0) -> "Schedule":
+        """The flow-match schedule for `steps` at `image_seq_len` image tokens. With `strength` < 1 (img2img) the
+        first steps are skipped as diffusers' `get_timesteps` skips them: int(steps - steps * strength) of them."""
+        sigmas = flow_match_sigmas(steps, image_seq_len, config)
+        start = int(max(steps - min(steps * strength, steps), 0))
+        return cls(sigmas, start, config.num_train_timesteps)
+
+    @property
+    def steps(self) -> int:
+        """All steps of the schedule, run or skipped."""
+        return len(self.sigmas) - 1
+
+    @property
+    def timesteps(self) -> np.ndarray:
+        """diffusers' timesteps: sigma * num_train_timesteps, one per step."""
+        return self.sigmas[:-1] * np.float32(self.num_train_timesteps)
+
+    def model_sigmas(self, dtype: mx.Dtype) -> mx.array:
+        """The sigmas the transformer sees, one per step: diffusers passes `timestep = t.to(latents.dtype) / 1000`,
+        so each is rounded through 1000 sigma in the dtype (bfloat16: 989.70 -> 988)."""
+        t = mx.array(self.timesteps, dtype=mx.float32).astype(dtype)
+        return t / self.num_train_timesteps
+
+    def key(self, dtype: mx.Dtype) -> tuple:
+        """What a modulation table for this schedule depends on."""
+        return tuple(float(s) for s in self.sigmas), str(dtype)
+
+
+def _velocity(model, x, text, sigma, grid, mods, block_hook):
+    return model(x, text[0], sigma, grid, text[1], mods=mods, block_hook=block_hook)
+
+
+def denoise(
+    model,
+    latents: mx.array,
+    text: tuple,
+    *,
+    schedule: Schedule,
+    grid: tuple[int, int],
+    negative: tuple | None = None,
+    cfg_scale: float = 4.0,
+    mods=None,
+    batched_cfg: bool = True,
+    block_hook=None,
+    blend=None,
+):
+    """Flow-match Euler from `latents` (packed, (1, N, C)): yields the latents after each step from
+    `schedule.start`, unevaluated.
+
+    `text` and `negative` are (embeds (1, L, D), mask (1, L) or None); with `negative` every step runs CFG with
+    Qwen-Image's norm rescale. `mods` is the schedule's `ModulationTable` (a row per step) when the modulation was
+    computed up front, else None (the model computes it each call). With `batched_cfg` the two CFG passes run as
+    one batch of two when the texts have one length and no padding (padding would need a key mask, which takes
+    attention off its fused kernel: 0.73 s instead of 0.32 s per 1024x1024 step on an H200). `blend(i, x)`, if
+    given, replaces the latents after step i (inpainting keeps the unmasked region)."""
+    sigmas = schedule.model_sigmas(latents.dtype)
+    batched = negative is not None and batched_cfg
+    batched = batched and text[0].shape == negative[0].shape and text[1] is None and negative[1] is None
+    if batched:
+        both = (mx.concatenate([text[0], negative[0]]), None)
+    x = latents
+    for i in range(schedule.start, schedule.steps):
+        sigma = sigmas[i : i + 1]
+        row = None if mods is None else mods.step(i)
+        if batched:
+            v = _velocity(model, mx.concatenate([x, x]), both, sigma, grid, row, block_hook)
+            v = cfg_combine(v[:1], v[1:], cfg_scale)
+        else:
+            v = _velocity(model, x, text, sigma, grid, row, block_hook)
+            if negative is not None:
+                v = cfg_combine(v, _velocity(model, x, negative, sigma, grid, row, block_hook), cfg_scale)
+        x = euler_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1])
+        if blend is not None:
+            x = blend(i, x)
+        yield x
+
+
+def eval_every_blocks(k: int):
+    """A `block_hook` that evaluates the activations after every k-th block (bounds the work queued on a GPU)."""
+
+    def hook(i, img, txt):
+        if (i + 1) % k == 0:
+            mx.eval(img, txt)
+
+    return hook
