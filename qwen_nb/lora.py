@@ -754,35 +754,3 @@ def _restore_arrays(model, mpath: str, saved: dict) -> None:
                 module[k] = mx.concatenate(rows, axis=0)
             return
     raise RuntimeError(f"cannot restore {mpath}: the model has no module there any more")
-
-
-# ------------------------------------------------------------------------------------------------ on a pipeline
-def load_lora(pipe, source, scale: float = 1.0, weight_name: str | None = None, **read_options) -> LoRA:
-    """Read a LoRA and fuse it, with the pipeline's earlier ones, into `pipe.transformer` (a stand-in until the
-    pipeline has its own `load_lora`). Quantized linears get `attach` adapters; a LoRA on the modulation needs the
-    modulation weights in the model (schedule_modulation off)."""
-    lora = read_lora(source, weight_name, **read_options)
-    model = pipe.transformer
-    stack = pipe.__dict__.setdefault("_lora_stack", LoraStack())
-    stack.check(model, lora)
-    absent = [t for t in lora.targets if _locate(model, t) is None]
-    if absent:
-        raise ValueError(
-            f"this transformer does not hold {_listing(absent, 3)} (its modulation is computed up front and its "
-            "weights released): load the pipeline with schedule_modulation off to use a LoRA on the modulation"
-        )
-    stack.add(lora, scale)
-    places = [_locate(model, t) for t in stack.targets]
-    if any(isinstance(_node(model, mpath), nn.QuantizedLinear) for mpath, _, _ in places):
-        stack.attach(model)
-    else:
-        stack.fuse(model)
-    return lora
-
-
-def unload_lora(pipe) -> None:
-    """Undo every `load_lora`: the transformer's original weights, bit for bit."""
-    stack = pipe.__dict__.get("_lora_stack")
-    if stack is not None:
-        stack.unfuse(pipe.transformer)
-        stack.clear()

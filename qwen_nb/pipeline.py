@@ -27,6 +27,7 @@ from .checkpoint import save_pipeline
 from .components import ComponentStore, as_builder
 from .hub import resolve
 from .loading import read_config
+from .lora import LoRA, LoraStack, read_lora
 from .memory import MemoryLimit, MemoryPlan, activation_bytes, check_memory_limit, plan_memory
 from .quantize import check_bits
 from .sampling import Schedule, denoise, eval_every_blocks
@@ -62,6 +63,19 @@ ASPECTS = {
     "2:3": (1056, 1584),
 }
 DEFAULT_SIZE = (1024, 1024)  # (height, width) for a checkpoint that does not say its native size
+DEFAULT_STEPS, DEFAULT_CFG = 20, 4.0
+
+# lightx2v's step-distilled Qwen-Image (ModelTC/Qwen-Image-Lightning): a LoRA per step count, the schedule it was
+# distilled with (exponential time shift with base_shift = max_shift = ln 3, no terminal stretch), and CFG off.
+LIGHTNING_REPO = "lightx2v/Qwen-Image-Lightning"
+LIGHTNING_FILES = {8: "Qwen-Image-Lightning-8steps-V2.0.safetensors", 4: "Qwen-Image-Lightning-4steps-V2.0.safetensors"}
+LIGHTNING_SCHEDULER = {
+    "base_shift": float(np.log(3)),
+    "max_shift": float(np.log(3)),
+    "shift_terminal": None,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}
 DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32}
 MAX_SEED = 2**64 - 1
 
@@ -183,6 +197,8 @@ class PipelineOptions:
     batched_cfg: CFG's two passes as one batch of two when both texts have one length.
     schedule_modulation: every step's modulation computed before the loop; the transformer then runs without its
         modulation weights (6.8B of 20.4B parameters), which are read block by block and never resident.
+    lora_adapters: run LoRAs as low-rank matmuls beside the (quantized) linears instead of merging them into the
+        weights before quantizing (merging is the default: no cost per step).
     switches: the model's speed techniques (`Switches`)."""
 
     dtype: mx.Dtype | None = None
@@ -197,6 +213,7 @@ class PipelineOptions:
     memory_limit_gb: float | str | None = "auto"
     batched_cfg: bool = True
     schedule_modulation: bool = True
+    lora_adapters: bool = False
     switches: Switches = field(default_factory=Switches)
 
     def __post_init__(self):
@@ -294,6 +311,8 @@ class QwenImagePipeline:
         self.memory_plan = plan
         self._read_modulation = read_modulation
         self.quantization = None  # the QuantizationReport, once the transformer is built quantized
+        self.loras = LoraStack()  # the LoRAs loaded, each with its scale
+        self.defaults = {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG}  # what generate() uses when not told
         self.last_stats: GenerationStats | None = None
         self._cache: OrderedDict = OrderedDict()
         self._table: tuple | None = None  # (key, ModulationTable) of the last schedule
@@ -311,6 +330,7 @@ class QwenImagePipeline:
         revision: str | None = None,
         cache_dir=None,
         plan_size: tuple[int, int] | None = None,
+        fast: int | None = None,
         **options,
     ) -> "QwenImagePipeline":
         """A pipeline from a hub id (downloaded into the HF cache, only the needed files) or a diffusers folder.
@@ -319,7 +339,8 @@ class QwenImagePipeline:
         `scheduler_config`: a dict of overrides merged into the checkpoint's scheduler config (e.g. a
         distilled schedule's shifts). `plan_size` (height, width): the size the memory plan is made for (default
         the checkpoint's native size; generate() checks again at other sizes). The other keywords are
-        `PipelineOptions`. Nothing heavy is read here: weights load lazily on first use."""
+        `PipelineOptions`. `fast=8` or `4`: `use_lightning(fast)` (the step-distilled LoRA, its schedule, CFG off).
+        Nothing heavy is read here: weights load lazily on first use."""
         opts = PipelineOptions(dtype=dtype, quantize=quantize, **options)
         folder = resolve(repo_id_or_folder, revision=revision, cache_dir=cache_dir, verbose=opts.verbose)
         config = TransformerConfig.from_folder(folder / "transformer")
@@ -348,13 +369,17 @@ class QwenImagePipeline:
         pipe = None  # the transformer's loader records its quantization report on the pipeline
 
         def transformer():
+            adapters = opts.lora_adapters and len(pipe.loras) > 0
             model, pipe.quantization = load_transformer(
                 folder / "transformer",
                 opts.dtype,
                 opts.quantize,
                 opts.switches,
                 modulation=not opts.schedule_modulation,
+                adjust=pipe.loras.apply_to_weights if len(pipe.loras) and not adapters else None,
             )
+            if adapters:
+                pipe.loras.attach(model)
             if pipe.quantization and pipe.quantization.skipped and opts.verbose:
                 r = pipe.quantization
                 print(
@@ -364,7 +389,8 @@ class QwenImagePipeline:
             return model
 
         def read_modulation(sigmas):
-            return load_modulation_table(folder / "transformer", sigmas, opts.dtype, opts.quantize)
+            adjust = pipe.loras.apply_to_weights if len(pipe.loras) else None
+            return load_modulation_table(folder / "transformer", sigmas, opts.dtype, opts.quantize, adjust)
 
         store = ComponentStore(
             {
@@ -383,6 +409,8 @@ class QwenImagePipeline:
             plan=plan,
             read_modulation=read_modulation if opts.schedule_modulation else None,
         )
+        if fast is not None:
+            pipe.use_lightning(fast, revision=revision, cache_dir=cache_dir)
         return pipe
 
     @classmethod
@@ -412,11 +440,15 @@ class QwenImagePipeline:
         def denoiser():
             model = build(modulation=False) if split else build()
             pipe.quantization = prepare_transformer(model, opts.quantize, opts.switches) or pipe.quantization
+            if len(pipe.loras):  # built again (sequenced): the LoRAs go in again
+                pipe.loras.attach(model) if opts.lora_adapters else pipe.loras.fuse(model)
             return model
 
         def read_modulation(sigmas):
             model = build(modulation=True)
-            prepare_transformer(model, opts.quantize, opts.switches)
+            if len(pipe.loras):  # the LoRAs' updates into this copy's weights (checkpoint names: q/k/v apart)
+                model.load_weights(list(pipe.loras.apply_to_weights(dict(tree_flatten(model.parameters()))).items()))
+            prepare_transformer(model, opts.quantize, opts.switches.only(fused_qkv=False))
             table = modulation_table(model, sigmas, opts.dtype)
             mx.eval(table.arrays())
             return table
@@ -473,6 +505,57 @@ class QwenImagePipeline:
     def materialize_transformer(self, progress: bool = False) -> None:
         """Read (and quantize) the transformer's weights now, block by block so the peak stays near their size."""
         materialize(self.transformer, "reading the transformer" if progress else None)
+
+    # ------------------------------------------------------------------ LoRA and the step-distilled schedule
+    def load_lora(self, source, scale: float = 1.0, weight_name: str | None = None, **read_options) -> LoRA:
+        """Add a LoRA (a .safetensors file, a folder holding one, or a hub repo id: only that file is downloaded)
+        with its own `scale`; calls stack. Formats: diffusers/peft, lora_down/lora_up with alpha (the Lightning
+        release, most trainers), kohya's flattened names. From a checkpoint the updates are merged into the weights
+        as they are read (the transformer is read again; quantized ones are merged before quantizing, or run as
+        adapters with `lora_adapters=True`); a LoRA on the modulation goes into the schedule's modulation table."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        lora = read_lora(source, weight_name, verbose=self.options.verbose, **read_options)
+        self.loras.check(self.transformer, lora)
+        self.loras.add(lora, scale)
+        self._loras_changed()
+        return lora
+
+    def unload_lora(self) -> None:
+        """Remove every LoRA: the base weights again, exactly (read again from the checkpoint, or put back)."""
+        if len(self.loras):
+            self.loras.clear()
+            self._loras_changed()
+
+    def _loras_changed(self) -> None:
+        self._table = None  # a LoRA may change the modulation
+        if self.folder is not None:
+            self.components.release("transformer")  # read again with the LoRAs merged as it loads
+        elif self.options.lora_adapters:
+            self.loras.attach(self.transformer)
+        else:
+            self.loras.fuse(self.transformer)  # an empty stack puts the original arrays back
+
+    def use_lightning(self, steps: int = 8, lora=None, revision: str | None = None, cache_dir=None) -> None:
+        """The step-distilled Qwen-Image: lightx2v's Lightning LoRA for `steps` (8 or 4; `lora` a file or folder in
+        place of the hub's), the schedule it was distilled with, and generate()'s defaults set to `steps` steps
+        with CFG off (cfg_scale 1: one pass per step). `unload_lora()` and `use_base_schedule()` undo it."""
+        if steps not in LIGHTNING_FILES:
+            raise ValueError(f"the Lightning LoRAs are for 8 or 4 steps, got {steps!r}")
+        if lora is None:
+            self.load_lora(LIGHTNING_REPO, weight_name=LIGHTNING_FILES[steps], revision=revision, cache_dir=cache_dir)
+        else:
+            self.load_lora(lora)
+        self._base_scheduler = getattr(self, "_base_scheduler", self.scheduler_config)
+        self.scheduler_config = self._base_scheduler.merged(LIGHTNING_SCHEDULER)
+        self._table = None
+        self.defaults = {"steps": steps, "cfg_scale": 1.0}
+
+    def use_base_schedule(self) -> None:
+        """The checkpoint's own schedule and generate()'s defaults (20 steps, CFG 4) again."""
+        self.scheduler_config = getattr(self, "_base_scheduler", self.scheduler_config)
+        self._table = None
+        self.defaults = {"steps": DEFAULT_STEPS, "cfg_scale": DEFAULT_CFG}
 
     # ------------------------------------------------------------------ text
     def _key(self, text: str):
@@ -538,6 +621,7 @@ class QwenImagePipeline:
         if not self.options.schedule_modulation:
             return None
         key = schedule.key(self.dtype)
+        key = (key, self.loras.version)
         if self._table is None or self._table[0] != key:
             self._table = None
             sigmas = schedule.model_sigmas(self.dtype)
@@ -619,8 +703,8 @@ class QwenImagePipeline:
         negative_prompt: str | None = " ",
         height: int | None = None,
         width: int | None = None,
-        steps: int = 20,
-        cfg_scale: float = 4.0,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
         seed: int | None = None,
         latents=None,
         callback=None,
@@ -632,7 +716,8 @@ class QwenImagePipeline:
 
         CFG runs when cfg_scale > 1 and negative_prompt is not None (" " is qwen_nb's default: the model card's
         "no negative prompt", which still runs CFG; diffusers' default None turns it off). height and width default
-        to the checkpoint's native size (1024x1024 for the real ones). `latents` is the noise (1, C, H/8, W/8)
+        to the checkpoint's native size (1024x1024 for the real ones); steps and cfg_scale to 20 and 4.0 (after
+        `use_lightning(n)`: n and 1.0). `latents` is the noise (1, C, H/8, W/8)
         before packing; otherwise it is drawn from `seed` (random when None; the seed used is in `last_stats`).
         `callback(step, latents)` is called after each step with the packed latents. `preview(step, image)`, when
         given, is called after every `preview_every`-th step (steps count from 0: after steps preview_every - 1,
@@ -641,6 +726,8 @@ class QwenImagePipeline:
         KeyboardInterrupt raised in `callback` or `preview`, stops at the end of the current step with
         GenerationInterrupted."""
         height, width = self._size(height, width)
+        steps = self.defaults["steps"] if steps is None else steps
+        cfg_scale = self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         self._check_request(prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every)
         if latents is None and seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
@@ -724,8 +811,9 @@ class QwenImagePipeline:
                 "this pipeline was built from models in memory (from_components): there is no checkpoint to copy "
                 "its tokenizer, text encoder and VAE from. Save from a pipeline made with from_pretrained."
             )
+        adjust = self.loras.apply_to_weights if len(self.loras) else None  # LoRAs saved merged
         model, report = load_transformer(
-            self.folder / "transformer", self.dtype, self.quantize, Switches().only(fused_qkv=False)
+            self.folder / "transformer", self.dtype, self.quantize, Switches().only(fused_qkv=False), adjust=adjust
         )
         weights = model.diffusers_weights()
         del model  # the dict is the weights' only holder: they are read and written a shard at a time

@@ -37,10 +37,14 @@ FILES = ["diffusers_attn_mlp", "lightning_attn_mlp", "kohya_attn_mlp", "kohya_mo
 CONFIG = TransformerConfig.tiny(joint_attention_dim=64)  # the tiny pipeline's transformer
 
 
-def load_pipeline(**switches) -> QwenImagePipeline:
-    """The tiny pipeline with its modulation weights kept in the model (schedule_modulation off)."""
+def load_pipeline(schedule_modulation: bool = True, **switches) -> QwenImagePipeline:
+    """The tiny pipeline (by default as users get it: the modulation computed up front, its weights not held)."""
     return QwenImagePipeline.from_pretrained(
-        PIPELINE, dtype=mx.float32, verbose=False, schedule_modulation=False, switches=Switches().only(**switches)
+        PIPELINE,
+        dtype=mx.float32,
+        verbose=False,
+        schedule_modulation=schedule_modulation,
+        switches=Switches().only(**switches),
     )
 
 
@@ -107,52 +111,63 @@ def pipe():
 
 
 # ---------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("schedule_modulation", [True, False])
 @pytest.mark.parametrize("case", list(CASES))
-def test_parity_with_diffusers_and_peft(pipe, case):
+def test_parity_with_diffusers_and_peft(case, schedule_modulation):
     """Each format alone, the modulation LoRA, and two LoRAs stacked with scales 0.7 and -0.4: diffusers' latents
-    at every step and its image, with the same noise."""
+    at every step and its image, with the same noise; with the modulation computed up front from weights read
+    with the LoRA merged (the default), and with the modulation in the model."""
+    pipe = load_pipeline(schedule_modulation)
     assert pipe.transformer.transformer_blocks[0].attn.fused  # the default fuses q/k/v: LoRAs on to_k go in rows
     for entry in CASES[case]["loras"]:
-        L.load_lora(pipe, LORAS / entry["file"], entry["scale"])
-    try:
-        latents, image = generate(pipe)
-    finally:
-        L.unload_lora(pipe)
-    assert_matches(latents, image, GOLDENS[f"{case}.latents"], GOLDENS[f"{case}.image"])
+        pipe.load_lora(LORAS / entry["file"], entry["scale"])
+    assert_matches(*generate(pipe), GOLDENS[f"{case}.latents"], GOLDENS[f"{case}.image"])
 
 
 def test_parity_with_separate_qkv():
     pipe = load_pipeline(fused_qkv=False)
     assert not pipe.transformer.transformer_blocks[0].attn.fused
     for entry in CASES["stacked"]["loras"]:
-        L.load_lora(pipe, LORAS / entry["file"], entry["scale"])
+        pipe.load_lora(LORAS / entry["file"], entry["scale"])
     assert_matches(*generate(pipe), GOLDENS["stacked.latents"], GOLDENS["stacked.image"])
 
 
-def test_unload_restores_the_weights_bit_for_bit_and_the_image(pipe):
-    before = dict(tree_flatten(pipe.transformer.parameters()))
-    for name in FILES:
-        L.load_lora(pipe, LORAS / f"{name}.safetensors", 0.5)
-    changed = dict(tree_flatten(pipe.transformer.parameters()))
-    assert sum(changed[k] is not v for k, v in before.items()) > 0
-    L.unload_lora(pipe)
-    after = dict(tree_flatten(pipe.transformer.parameters()))
-    assert after.keys() == before.keys()
-    assert all(after[k] is v for k, v in before.items())  # the very arrays, so every bit
+def test_a_modulation_lora_renews_the_schedule_table_and_unload_restores_it():
+    """The table of a schedule is kept between generations; a LoRA on the modulation must replace it, loaded
+    before or after the table was made, and unloading must bring the LoRA-free one back."""
+    pipe = load_pipeline()
+    assert_matches(*generate(pipe), BASE[f"{BASE_CASE}.latents"], BASE[f"{BASE_CASE}.image"])  # table made
+    pipe.load_lora(LORAS / "kohya_modulation.safetensors", 1.0)
+    assert_matches(*generate(pipe), GOLDENS["modulation.latents"], GOLDENS["modulation.image"])
+    pipe.unload_lora()
     assert_matches(*generate(pipe), BASE[f"{BASE_CASE}.latents"], BASE[f"{BASE_CASE}.image"])
 
 
-def test_load_lora_refuses_modulation_the_model_does_not_hold_and_changes_nothing():
-    model = tiny_model()
-    for b in model.transformer_blocks:
-        b.img_mod, b.txt_mod = [], []
-    pipe = SimpleNamespace(transformer=model)
-    L.load_lora(pipe, LORAS / "kohya_attn_mlp.safetensors")
-    fused = dict(tree_flatten(model.parameters()))
-    with pytest.raises(ValueError, match="does not hold transformer_blocks.0.img_mod.1.*schedule_modulation off"):
-        L.load_lora(pipe, LORAS / "kohya_modulation.safetensors")
-    assert len(pipe._lora_stack) == 1
-    assert all(v is fused[k] for k, v in tree_flatten(model.parameters()))
+def test_unload_restores_the_base_weights_exactly_and_the_image():
+    pipe = load_pipeline()
+    before = {k: np.array(v) for k, v in tree_flatten(pipe.transformer.parameters())}
+    for name in FILES:
+        pipe.load_lora(LORAS / f"{name}.safetensors", 0.5)
+    changed = dict(tree_flatten(pipe.transformer.parameters()))
+    assert sum(not np.array_equal(np.array(changed[k]), v) for k, v in before.items()) > 0
+    pipe.unload_lora()
+    after = dict(tree_flatten(pipe.transformer.parameters()))
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(np.array(after[k]), v) for k, v in before.items())  # every bit
+    assert_matches(*generate(pipe), BASE[f"{BASE_CASE}.latents"], BASE[f"{BASE_CASE}.image"])
+
+
+def test_in_memory_models_fuse_and_unfuse_to_the_very_arrays():
+    """From models in memory (from_components) the updates are added in place and the original arrays kept."""
+    src = load_pipeline()
+    model = tiny_model(fused=True)
+    pipe = QwenImagePipeline.from_components(src.tokenizer, model, src.text_encoder, src.vae, src.scheduler_config,
+                                             dtype=mx.float32, verbose=False)  # fmt: skip
+    before = dict(tree_flatten(model.parameters()))
+    pipe.load_lora(LORAS / "kohya_attn_mlp.safetensors", 0.5)
+    assert sum(v is not before[k] for k, v in tree_flatten(model.parameters())) > 0
+    pipe.unload_lora()
+    assert all(v is before[k] for k, v in tree_flatten(model.parameters()))  # the very arrays
 
 
 def test_bfloat16_weights_get_the_update_in_float32_rounded_once():
@@ -330,15 +345,26 @@ def test_quantized_runtime_adapter_adds_the_low_rank_product():
     assert {p for p, m in model.named_modules() if isinstance(m, L.LoRALinear)} == set()
 
 
-def test_load_lora_on_a_quantized_model_attaches_adapters():
-    model = tiny_model()
-    quantize_transformer(model, 8)
-    pipe = SimpleNamespace(transformer=model)
-    L.load_lora(pipe, LORAS / "kohya_attn_mlp.safetensors")
-    attached = {p for p, m in model.named_modules() if isinstance(m, L.LoRALinear)}
-    assert "transformer_blocks.1.txt_mlp.net.2" in attached
-    L.unload_lora(pipe)
-    assert not any(isinstance(m, L.LoRALinear) for _, m in model.named_modules())
+@pytest.mark.parametrize("adapters", [False, True])
+def test_quantized_pipeline_merges_before_quantizing_or_attaches_adapters(adapters):
+    """quantize=8: the LoRA merged into the high-precision weights before they are quantized (the default), or run
+    beside the quantized linears (lora_adapters=True); both close to diffusers' float32 LoRA picture, and unloading
+    gives back the quantized base model's picture exactly."""
+    pipe = QwenImagePipeline.from_pretrained(
+        PIPELINE, dtype=mx.float32, verbose=False, quantize=8, lora_adapters=adapters
+    )
+    base_latents, base_image = generate(pipe)
+    pipe.load_lora(LORAS / "kohya_attn_mlp.safetensors")
+    attached = {p for p, m in pipe.transformer.named_modules() if isinstance(m, L.LoRALinear)}
+    assert ("transformer_blocks.1.txt_mlp.net.2" in attached) == adapters
+    latents, image = generate(pipe)
+    effect = np.array(GOLDENS["kohya.latents"]) - np.array(BASE[f"{BASE_CASE}.latents"])  # diffusers, float32
+    error = np.abs((latents - base_latents) - effect).max() / np.abs(effect).max()
+    print(f"the LoRA's effect on the latents, 8-bit against float32: relative error {error:.3f}")
+    assert error < 0.1
+    pipe.unload_lora()
+    again_latents, again_image = generate(pipe)
+    assert np.array_equal(again_latents, base_latents) and np.array_equal(again_image, base_image)
 
 
 def test_quantized_without_high_precision_weights_names_both_options():
@@ -489,7 +515,7 @@ def test_folders_pick_the_one_file_or_ask_for_weight_name(tmp_path):
     (one / "README.md").write_text("a LoRA")
     assert L.read_lora(one).format == "kohya"
     with pytest.raises(
-        ValueError, match="holds 5 .safetensors files: diffusers_attn_mlp.safetensors, goldens.*weight_name="
+        ValueError, match="holds 6 .safetensors files: diffusers_attn_mlp.safetensors, goldens.*weight_name="
     ):
         L.read_lora(LORAS)
     assert L.read_lora(LORAS, "lightning_attn_mlp.safetensors").format == "lora_down/lora_up"
@@ -601,3 +627,28 @@ def test_hub_offline_uses_the_cache_or_says_what_to_do(tmp_path, monkeypatch):
     fake_cache(tmp_path, {"a.safetensors": LORAS / "kohya_attn_mlp.safetensors"})
     assert L.read_lora(REPO, cache_dir=tmp_path).format == "kohya"
     assert L.read_lora(REPO, "a.safetensors", cache_dir=tmp_path).format == "kohya"
+
+
+# ---------------------------------------------------------------------------------------------- Lightning
+def test_lightning_preset_matches_diffusers_at_4_steps_without_cfg():
+    """use_lightning(4): the Lightning-format LoRA, the distilled schedule (base_shift = max_shift = ln 3, no
+    terminal stretch: sigmas 3/(3 + 1/t - 1) at t = 1, 3/4, 1/2, 1/4, i.e. 1, 0.9, 0.75, 0.5) and CFG off by default;
+    diffusers' latents at every step and its image. use_base_schedule() and unload_lora() undo it."""
+    golden = mx.load(str(LORAS / "lightning_schedule.safetensors"))
+    pipe = load_pipeline()
+    pipe.use_lightning(4, lora=LORAS / "lightning_attn_mlp.safetensors")
+    t = np.array([1, 0.75, 0.5, 0.25])
+    np.testing.assert_allclose(np.array(golden["sigmas"])[:-1], 3 / (3 + 1 / t - 1), rtol=1e-6)
+    steps = []
+    image = pipe.generate(
+        META["prompt"], height=64, width=64, latents=BASE[f"{BASE_CASE}.noise"], progress=False,
+        callback=lambda i, x: steps.append(np.array(x[0])),
+    )  # fmt: skip
+    assert len(steps) == 4 and not pipe.last_stats.cfg
+    assert_matches(np.stack(steps), np.asarray(image), golden["latents"], golden["image"])
+    pipe.use_base_schedule()
+    pipe.unload_lora()
+    assert pipe.defaults == {"steps": 20, "cfg_scale": 4.0}
+    assert_matches(*generate(pipe), BASE[f"{BASE_CASE}.latents"], BASE[f"{BASE_CASE}.image"])
+    with pytest.raises(ValueError, match="8 or 4 steps"):
+        pipe.use_lightning(6)
