@@ -305,6 +305,26 @@ def test_quantize_every_linear_modulation_at_8_bits(bits):
     assert image.shape == (64, 64, 3)
 
 
+# measured on these cases (tests/fixtures/tiny_pipeline, random weights): 8-bit latents within 0.31% of the
+# largest golden value, mean pixel error 0.29/255 (max 4); 4-bit within 5.2%, mean 6.1/255 (max 89: random weights
+# amplify a few pixels). The bounds leave about 3x margin; a wrong scale, group or layout is far outside them.
+QUANTIZED_BOUNDS = {8: (0.01, 1.0), 4: (0.15, 15.0)}  # (latents: max |diff| / max |golden|, mean |pixel diff|)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_pipeline_stays_close_to_diffusers_float32(bits):
+    latent_bound, pixel_bound = QUANTIZED_BOUNDS[bits]
+    pipe = load(quantize=bits)
+    for name in CASES:
+        steps = []
+        image = run_case(pipe, name, callback=lambda i, x, steps=steps: steps.append(np.array(x[0])))
+        golden = np.array(GOLDENS[f"{name}.latents"])
+        rel = np.abs(np.stack(steps) - golden).max() / np.abs(golden).max()
+        pixels = np.abs(np.asarray(image).astype(int) - np.array(GOLDENS[f"{name}.image"]).astype(int)).mean()
+        print(f"{bits}-bit {name}: latents {rel:.4f} of max, mean pixel difference {pixels:.2f}/255")
+        assert rel < latent_bound and pixels < pixel_bound
+
+
 def test_quantize_reports_layers_it_cannot_quantize():
     """txt_in of TransformerConfig.tiny() is 48 wide, not a multiple of 64: kept in full precision and listed."""
     model = QwenImageTransformer(TransformerConfig.tiny())
