@@ -7,6 +7,14 @@ overlap; each does a 2-step warm-up generation (kernel compilation) first, then 
 
     python benchmarks/bench_pipeline.py [--tiny] [--steps 20] [--size 1024x1024] [--keep-text-encoder]
                                         [--peer-python /path/to/python-with-torch-and-diffusers] [--no-peer]
+                                        [--fast 8|4] [--lora-rank 64] [--quantize 8 [--lora-adapters]] [--name N]
+
+--fast N runs the step-distilled set-up: the Lightning schedule (base_shift = max_shift = ln 3, no terminal
+stretch), N steps, CFG off (one pass a step). --lora-rank R gives both frameworks the same random LoRA of rank R
+(diffusers/peft format, every attention and MLP linear of every block, written once to a temporary file) fused into
+the weights: qwen_nb merges it as the transformer is built, diffusers by `fuse_lora()` then `unload_lora_weights()`.
+--quantize (qwen_nb only) quantizes the transformer, the LoRA merged before quantizing or, with --lora-adapters, run
+beside the quantized linears.
 
 qwen_nb runs sequenced by default (the text encoder freed before the transformer's weights are materialised, as
 the pipeline does on a machine where both do not fit); --keep-text-encoder keeps everything resident, as
@@ -78,10 +86,38 @@ TINY = {
 
 
 # ------------------------------------------------------------------------------------------------ qwen_nb worker
+def lightning_overrides() -> dict:
+    import math
+
+    return dict(base_shift=math.log(3), max_shift=math.log(3), shift_terminal=None, time_shift_type="exponential")
+
+
+def write_random_lora(path: Path, sizes: dict, rank: int) -> None:
+    """A random rank-`rank` LoRA in diffusers/peft names on every attention and MLP linear of every block (bf16)."""
+    import mlx.core as mx
+
+    t = sizes["transformer"]
+    D = t["num_attention_heads"] * t["attention_head_dim"]
+    shapes = {f"attn.{n}": (D, D) for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+    shapes.update({"attn.to_out.0": (D, D), "attn.to_add_out": (D, D)})
+    for stream in ("img_mlp", "txt_mlp"):
+        shapes.update({f"{stream}.net.0.proj": (4 * D, D), f"{stream}.net.2": (D, 4 * D)})
+    key = mx.random.key(64)
+    tensors = {}
+    for i in range(t["num_layers"]):
+        for name, (out, inp) in shapes.items():
+            key, ka, kb = mx.random.split(key, 3)
+            prefix = f"transformer.transformer_blocks.{i}.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = (mx.random.normal((rank, inp), key=ka) / inp**0.5).astype(mx.bfloat16)
+            tensors[f"{prefix}.lora_B.weight"] = (0.01 * mx.random.normal((out, rank), key=kb)).astype(mx.bfloat16)
+    mx.save_safetensors(str(path), tensors, metadata={"format": "pt"})
+
+
 def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
     import mlx.core as mx
 
     from qwen_nb.pipeline import QwenImagePipeline
+    from qwen_nb.scheduler import SchedulerConfig
     from qwen_nb.text_encoder import QwenTextEncoder, TextEncoderConfig
     from qwen_nb.tokenizer import QwenTokenizer
     from qwen_nb.transformer import QwenImageTransformer, TransformerConfig
@@ -109,21 +145,28 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
         m.set_dtype(dtype)
         return m
 
+    scheduler = SchedulerConfig().merged(lightning_overrides() if cfg.get("fast") else None)
     pipe = QwenImagePipeline.from_components(
         QwenTokenizer.from_pretrained(TOKENIZER),
         transformer,
         text_encoder,
         vae,
+        scheduler,
         dtype=dtype,
         keep_text_encoder=cfg["keep_text_encoder"],
         vae_tile=cfg["vae_tile"],
         eval_every=cfg.get("eval_every"),
         memory_limit_gb=cfg.get("memory_limit_gb") or "auto",  # the pipeline's default unless a number is given
+        quantize=cfg.get("quantize"),
+        lora_adapters=bool(cfg.get("lora_adapters")),
         verbose=False,
     )
-    h, w = cfg["height"], cfg["width"]
-    pipe.generate(WARMUP_PROMPT, "a warm-up negative", h, w, steps=2, cfg_scale=CFG, seed=0, progress=False)
-    image = pipe.generate(PROMPT, NEGATIVE, h, w, steps=cfg["steps"], cfg_scale=CFG, seed=42, progress=False)
+    if cfg.get("lora"):
+        pipe.load_lora(cfg["lora"])
+    h, w, scale = cfg["height"], cfg["width"], cfg["cfg_scale"]
+    negative = NEGATIVE if scale > 1 else None
+    pipe.generate(WARMUP_PROMPT, "a warm-up negative", h, w, steps=2, cfg_scale=scale, seed=0, progress=False)
+    image = pipe.generate(PROMPT, negative, h, w, steps=cfg["steps"], cfg_scale=scale, seed=42, progress=False)
     s = pipe.last_stats
     image.save(out_dir / "qwen_nb.png")
     denoise = sum(s.step_times_s)
@@ -187,6 +230,8 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
         time_shift_type="exponential",
         use_dynamic_shifting=True,
     )
+    if cfg.get("fast"):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, **lightning_overrides())
     pipe = QwenImagePipeline(
         scheduler=scheduler,
         vae=vae.eval(),
@@ -197,6 +242,10 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
     pipe.set_progress_bar_config(disable=True)
     if cfg["peer_vae_tiling"]:
         pipe.vae.enable_tiling()
+    if cfg.get("lora"):  # fused into the weights, the LoRA layers removed: no per-step cost
+        pipe.load_lora_weights(cfg["lora"], adapter_name="bench")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
 
     def sync():
         if cuda:
@@ -207,7 +256,7 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
         t0 = time.perf_counter()
         with torch.no_grad():
             pe, pm = pipe.encode_prompt(prompt, device=device, max_sequence_length=512)
-            ne, nm = pipe.encode_prompt(negative, device=device, max_sequence_length=512)
+            ne, nm = pipe.encode_prompt(negative, device=device, max_sequence_length=512) if negative else (None, None)
         sync()
         t1 = time.perf_counter()
         marks = []
@@ -223,7 +272,7 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
                 prompt_embeds_mask=pm,
                 negative_prompt_embeds=ne,
                 negative_prompt_embeds_mask=nm,
-                true_cfg_scale=CFG,
+                true_cfg_scale=cfg["cfg_scale"],
                 height=cfg["height"],
                 width=cfg["width"],
                 num_inference_steps=steps,
@@ -236,10 +285,11 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
         steps_s = [b - a for a, b in zip([t1] + marks[:-1], marks)]
         return image, t1 - t0, steps_s, t2 - marks[-1], int(pe.shape[1])
 
-    generate(WARMUP_PROMPT, "a warm-up negative", 2, 0)
+    generate(WARMUP_PROMPT, "a warm-up negative" if cfg["cfg_scale"] > 1 else None, 2, 0)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    image, text_s, steps_s, decode_s, tokens = generate(PROMPT, NEGATIVE, cfg["steps"], 42)
+    negative = NEGATIVE if cfg["cfg_scale"] > 1 else None
+    image, text_s, steps_s, decode_s, tokens = generate(PROMPT, negative, cfg["steps"], 42)
     image.save(out_dir / "diffusers.png")
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0
     import diffusers
@@ -308,6 +358,11 @@ def main():
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with torch + diffusers")
     ap.add_argument("--no-peer", action="store_true", help="qwen_nb only")
     ap.add_argument("--peer-vae-tiling", action="store_true", help="diffusers decodes with vae.enable_tiling()")
+    ap.add_argument("--fast", type=int, choices=[8, 4], default=None, help="the Lightning schedule, N steps, CFG off")
+    ap.add_argument("--lora-rank", type=int, default=None, help="a random LoRA of this rank fused in both frameworks")
+    ap.add_argument("--quantize", type=int, choices=[8, 4], default=None, help="qwen_nb's transformer quantized")
+    ap.add_argument("--lora-adapters", action="store_true", help="qwen_nb runs the LoRA beside quantized linears")
+    ap.add_argument("--name", default=None, help="report name (default pipeline or pipeline_tiny)")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -324,9 +379,13 @@ def main():
         tiny=a.tiny,
         height=height,
         width=width,
-        steps=a.steps or (3 if a.tiny else 20),
-        cfg_scale=CFG,
-        negative_prompt=NEGATIVE,
+        steps=a.steps or a.fast or (3 if a.tiny else 20),
+        cfg_scale=1.0 if a.fast else CFG,
+        negative_prompt=None if a.fast else NEGATIVE,
+        fast=a.fast,
+        lora_rank=a.lora_rank,
+        quantize=a.quantize,
+        lora_adapters=a.lora_adapters,
         dtype="bfloat16",
         keep_text_encoder=True if a.keep_text_encoder else False,
         vae_tile=a.vae_tile,
@@ -341,11 +400,16 @@ def main():
     else:
         out_dir = Path(tempfile.mkdtemp(prefix="bench_pipeline_")) if a.tiny else ROOT / "assets" / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "pipeline_tiny" if a.tiny else "pipeline"
+    name = a.name or ("pipeline_tiny" if a.tiny else "pipeline")
     images = out_dir / f"{name}_images"
     images.mkdir(exist_ok=True)
+    if a.lora_rank:
+        cfg["lora"] = str(Path(tempfile.mkdtemp(prefix="bench_lora_")) / "lora.safetensors")
+        write_random_lora(Path(cfg["lora"]), TINY if a.tiny else FULL, a.lora_rank)
 
     results = {"qwen_nb": run_worker(sys.executable, "qwen_nb", cfg, images, a.timeout)}
+    if a.quantize:
+        a.no_peer = True  # diffusers has no comparable quantization here: qwen_nb alone
     notes = [
         "median_s = text encoding + denoising loop + VAE decode of one timed generation after a 2-step warm-up "
         "(weights resident for diffusers; for qwen_nb its weight materialisation is weights_s, outside median_s).",

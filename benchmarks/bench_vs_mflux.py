@@ -6,6 +6,11 @@ two forwards also check each other numerically. Runs alternate (benchmarks/commo
     pip install --no-deps mflux==0.24.0     # its Linux requirement pulls MLX's CUDA build; the transformer needs
                                              # only what qwen_nb needs plus pyyaml, requests, filelock, platformdirs
     python benchmarks/bench_vs_mflux.py [--tiny] [--dtype bfloat16|float32] [--layers 2] [--side 256] [--txt 64]
+                                       [--before FOLDER] [--name NAME]
+
+`--before FOLDER` adds an earlier qwen_nb (FOLDER/qwen_nb_before: a copy of an older tree's qwen_nb/ package, its
+imports are relative) on the same weight arrays, timed in the same alternating runs: a before/after of a change.
+Both qwen_nb versions run with their default switches (q/k/v fused, as their pipelines run them).
 
 Default dtype: bfloat16 on a GPU, float32 on the CPU (bfloat16 matmuls are slow there). Writes
 assets/bench/vs_mflux_<cpu|cuda|metal>.json and .png; --tiny (2 heads, 128 px, 16 text tokens: seconds on a CPU)
@@ -62,6 +67,8 @@ def main():
     ap.add_argument("--txt", type=int, default=64, help="text tokens")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--before", default=None, help="a folder holding qwen_nb_before (an older qwen_nb) to time too")
+    ap.add_argument("--name", default=None, help="report name (default vs_mflux_<device>)")
     a = ap.parse_args()
     kind = device_kind()
     dtype = getattr(mx, a.dtype or ("float32" if kind == "cpu" else "bfloat16"))
@@ -80,6 +87,18 @@ def main():
     ours = QwenImageTransformer(cfg)
     ours.load_weights([(diffusers_name(k), v) for k, v in tree_flatten(theirs.parameters())], strict=True)
     params = sum(v.size for _, v in tree_flatten(ours.parameters()))
+    ours.set_switches(ours.switches)  # as the pipeline runs it: q/k/v fused
+    before = None
+    if a.before:
+        import sys
+
+        sys.path.insert(0, a.before)
+        import qwen_nb_before.transformer as old
+
+        before = old.QwenImageTransformer(old.TransformerConfig(**{k: getattr(cfg, k) for k in (
+            "num_layers", "num_attention_heads", "joint_attention_dim")}))  # fmt: skip
+        before.load_weights([(diffusers_name(k), v) for k, v in tree_flatten(theirs.parameters())], strict=True)
+        before.set_switches(before.switches)
 
     keys = mx.random.split(mx.random.key(0), 2)
     latents = mx.random.normal((1, h * w, cfg.in_channels), key=keys[0]).astype(dtype)
@@ -91,11 +110,14 @@ def main():
 
     variants = {
         "qwen_nb": lambda: ours(latents, text, sigma, (h, w)),
+        **({"qwen_nb before": lambda: before(latents, text, sigma, (h, w))} if before is not None else {}),
         "mflux 0.24.0": lambda: theirs(
             t=0.5, config=size, hidden_states=latents, encoder_hidden_states=text, encoder_hidden_states_mask=mask
         ),
     }
-    a_out, b_out = (fn().astype(mx.float32) for fn in variants.values())
+    a_out, b_out = variants["qwen_nb"]().astype(mx.float32), variants["mflux 0.24.0"]().astype(mx.float32)
+    if before is not None:
+        print(f"max|qwen_nb - qwen_nb before| = {mx.abs(variants['qwen_nb before']() - a_out).max().item():.3g}")
     diff = mx.abs(a_out - b_out).max().item()
     scale = mx.abs(b_out).max().item()
     print(f"max|qwen_nb - mflux| = {diff:.3g} (max|out| {scale:.3g}), {params / 1e6:.0f} M parameters, {dtype}")
@@ -113,6 +135,9 @@ def main():
         f"qwen_nb is {ratio:.2f}x mflux's speed by median, {ratio_min:.2f}x by the fastest run, "
         f"{ratio_paired:.2f}x by the median of paired runs"
     )
+    if before is not None:
+        pairs_b = [b / q for q, b in zip(results["qwen_nb"]["times_s"], results["qwen_nb before"]["times_s"])]
+        print(f"qwen_nb is {statistics.median(pairs_b):.3f}x the speed of qwen_nb before (median of paired runs)")
     config = dict(
         layers=a.layers,
         width=cfg.dim,
@@ -131,6 +156,8 @@ def main():
         speedup_vs_mflux=round(ratio, 3),
         speedup_vs_mflux_fastest_runs=round(ratio_min, 3),
         speedup_vs_mflux_paired_median=round(ratio_paired, 3),
+        speedup_vs_before_paired_median=round(statistics.median(pairs_b), 3) if before is not None else None,
+        before=a.before,
         load_average_before=load_before,
         load_average_after=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     )
@@ -139,7 +166,7 @@ def main():
         "qwen_nb runs with its default Switches and no text mask; mflux gets an all-ones mask, which it checks "
         "on the host and drops. On a shared machine, trust speedup_vs_mflux_paired_median most (see load_average_*)."
     )
-    name = f"vs_mflux_{kind}" + ("_tiny" if a.tiny else "")
+    name = a.name or (f"vs_mflux_{kind}" + ("_tiny" if a.tiny else ""))
     path = write_report(name, config, results, notes, out_dir=tempfile.mkdtemp() if a.tiny else None)
     print("wrote", path)
 

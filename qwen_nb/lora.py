@@ -617,13 +617,14 @@ class LoraStack:
         return groups
 
     # -------------------------------------------------------------------- putting it in
-    def fuse(self, model, weights: dict | None = None) -> list[str]:
+    def fuse(self, model, weights: dict | None = None, keep: bool = True) -> list[str]:
         """Add the summed updates into `model`'s weights (in float32, then rounded to the weight's dtype), after
         undoing any earlier fuse/attach; returns the targets skipped because the model has no module for them
         (modulation weights not built: use `apply_to_weights` where they are made). A quantized linear is
         re-quantized from its high-precision checkpoint weight plus the update: `weights` must then hold it under
-        the checkpoint's name (`transformer_blocks.0.attn.to_q.weight`). The original arrays stay held until
-        `unfuse` (as much memory again as the weights the LoRAs touch)."""
+        the checkpoint's name (`transformer_blocks.0.attn.to_q.weight`). With `keep` the original arrays stay held
+        until `unfuse` (as much memory again as the weights the LoRAs touch); without, nothing is held and the
+        model cannot be restored (for a model that will be built again instead)."""
         self.unfuse(model)
         for mpath, (parts, members) in self._groups(model).items():
             module = _node(model, mpath)
@@ -650,7 +651,8 @@ class LoraStack:
                 for i, t in members.items():
                     rows[i] = (rows[i].astype(mx.float32) + self.delta(t)).astype(w.dtype)
                 module.weight = rows[0] if parts == 1 else mx.concatenate(rows, axis=0)
-            self._saved[mpath] = saved
+            if keep:
+                self._saved[mpath] = saved
         return list(self.skipped)
 
     def attach(self, model) -> list[str]:
@@ -697,6 +699,10 @@ class LoraStack:
             _set_module(model, mpath, LoRALinear(module, downs, ups, [1.0] * len(ups)))
             self._saved[mpath] = module
         return list(self.skipped)
+
+    def forget(self) -> None:
+        """Drop what `fuse`/`attach` hold of a model that is gone (one built again needs nothing put back)."""
+        self._saved = {}
 
     def unfuse(self, model) -> None:
         """Give `model` back the arrays (or modules) `fuse`/`attach` replaced: the same objects, bit for bit."""
