@@ -86,6 +86,27 @@ def add_generate(subparsers) -> None:
         help="a model-card preset: " + ", ".join(f"{k}={w}x{h}" for k, (w, h) in ASPECTS.items()),
     )
     p.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (default 4.0; <= 1 turns CFG off)")
+    p.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="img2img: start from this picture, resized to the output size (--size; default the native size, as "
+        "diffusers' QwenImageImg2ImgPipeline)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --image: how much of it is redrawn, in (0, 1] (default 0.6): about strength x --steps steps run",
+    )
+    p.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --image: inpaint; a picture of the image's size, white where it is repainted, black where kept",
+    )
     p.add_argument("--negative", default=" ", help="negative prompt (default ' ', the model card's)")
     p.add_argument(
         "--seed", type=parse_seed, default=None, help="noise seed, 0 to 2**64 - 1 (default: random, printed)"
@@ -125,7 +146,9 @@ def check_new_file(path: Path, force: bool, what: str) -> None:
 def run_generate(args) -> int:
     import mlx.core as mx
 
+    from .image_input import load_pair
     from .pipeline import ASPECTS, GenerationInterrupted, QwenImagePipeline, check_size
+    from .sampling import check_strength
 
     out = args.out.expanduser()
     if out.suffix.lower() not in IMAGE_SUFFIXES:
@@ -141,6 +164,12 @@ def run_generate(args) -> int:
     preview_path = out.with_name(out.stem + ".preview.png")
     if args.preview_every is not None:
         check_new_file(preview_path, args.force, "--out (the preview goes to NAME.preview.png)")
+    if args.image is None and (args.strength is not None or args.mask is not None):
+        raise UsageError(f"{'--strength' if args.strength is not None else '--mask'} goes with --image PATH")
+    strength = 0.6 if args.strength is None else args.strength
+    if args.image is not None:
+        check_strength(strength, args.steps)
+    picture, mask = load_pair(args.image, args.mask, ("--image", "--mask"))  # read and checked before the model
 
     model = args.model or default_model()  # offline, the hub's error names the embedded demo model
     pipe = QwenImagePipeline.from_pretrained(
@@ -163,6 +192,9 @@ def run_generate(args) -> int:
             steps=args.steps,
             cfg_scale=args.cfg,
             seed=args.seed,
+            image=picture,
+            strength=strength,
+            mask_image=mask,
             progress=not args.quiet,
             preview=None if args.preview_every is None else (lambda step, image: image.save(preview_path)),
             preview_every=args.preview_every or 1,
@@ -176,18 +208,21 @@ def run_generate(args) -> int:
         from PIL.PngImagePlugin import PngInfo
 
         info = PngInfo()
+        start = "" if picture is None else f", Image: {args.image}, Strength: {strength}"
+        start += "" if mask is None else f", Mask: {args.mask}"
         info.add_text(
             "parameters",
             f"{args.prompt}\nNegative prompt: {args.negative}\nSteps: {args.steps}, CFG: {args.cfg}, "
-            f"Seed: {stats.seed}, Size: {width}x{height}, Model: {model}",
+            f"Seed: {stats.seed}, Size: {width}x{height}{start}, Model: {model}",
         )
     if info is not None:
         image.save(out, pnginfo=info)
     else:
         image.save(out)
-    print(f"wrote {out} ({width}x{height}, seed {stats.seed})")
+    run = "" if picture is None else f", {stats.steps} of {args.steps} steps run at strength {strength}"
+    print(f"wrote {out} ({width}x{height}, seed {stats.seed}{run})")
     if args.preview_every is not None:
-        print(f"previews went to {preview_path} (the last one: the guess after step {args.steps})")
+        print(f"previews went to {preview_path} (the last one: the guess after the last step)")
     print(f"time per step {stats.step_s:.3f} s, total {stats.total_s:.2f} s, peak memory {stats.peak_gb:.2f} GB")
     return 0
 

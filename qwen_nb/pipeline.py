@@ -6,7 +6,9 @@ size, the native picture size) comes from them. The models load lazily on first 
 in a `ComponentStore`. `generate(prompt)` checks the request, encodes the prompt (cached), computes the schedule once
 and, from it, every step's modulation (the weights that depend on sigma alone are then never resident), runs the
 sampling loop of `qwen_nb.sampling` under the memory limit, decodes and returns a PIL image. On a machine where the
-text encoder and the transformer do not fit together, one is freed before the other is read.
+text encoder and the transformer do not fit together, one is freed before the other is read. With a picture
+(`generate(prompt, image=..., strength=...)`, and `mask_image=`) it is diffusers' QwenImageImg2ImgPipeline (and
+QwenImageInpaintPipeline): the loop starts from the noised picture (qwen_nb.image_input) at a later step.
 """
 
 import inspect
@@ -23,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import image_input
 from .checkpoint import save_pipeline
 from .components import ComponentStore, as_builder
 from .hub import resolve
@@ -30,7 +33,7 @@ from .loading import read_config
 from .lora import LoRA, LoraStack, read_lora
 from .memory import MemoryLimit, MemoryPlan, activation_bytes, check_memory_limit, plan_memory
 from .quantize import check_bits
-from .sampling import Schedule, denoise, eval_every_blocks
+from .sampling import Schedule, check_strength, denoise, eval_every_blocks
 from .scheduler import SchedulerConfig, pack_latents, unpack_latents
 from .switches import Switches
 from .text_encoder import (
@@ -137,9 +140,10 @@ class GenerationStats:
     seed: int | None
     height: int
     width: int
-    steps: int
+    steps: int  # the steps run (img2img skips some)
     cfg: bool
     text_s: float = 0.0
+    image_s: float = 0.0  # img2img / inpainting: the picture's encoding
     load_s: float = 0.0
     step_times_s: list = field(default_factory=list)
     decode_s: float = 0.0
@@ -177,7 +181,8 @@ class GenerationStats:
         what = f"{done}/{self.steps} steps (interrupted)" if self.interrupted_at is not None else f"{done} steps"
         return (
             f"{what} at {self.step_s:.3f} s/step{' with CFG' if self.cfg else ''}; total {self.total_s:.2f} s "
-            f"(text {self.text_s:.2f} s, weights {self.load_s:.2f} s, decode {self.decode_s:.2f} s); "
+            f"(text {self.text_s:.2f} s, {f'picture {self.image_s:.2f} s, ' if self.image_s else ''}"
+            f"weights {self.load_s:.2f} s, decode {self.decode_s:.2f} s); "
             f"peak memory {self.peak_gb:.2f} GB"
         )
 
@@ -649,9 +654,11 @@ class QwenImagePipeline:
             )
         return z.astype(self.dtype)
 
-    def denoise(self, latents: mx.array, cond, uncond, cfg_scale: float, schedule: Schedule, grid: tuple[int, int]):
+    def denoise(
+        self, latents: mx.array, cond, uncond, cfg_scale: float, schedule: Schedule, grid: tuple[int, int], blend=None
+    ):
         """`qwen_nb.sampling.denoise` with this pipeline's transformer, modulation table and options: a generator
-        of the packed latents (1, N, C) after each step, unevaluated."""
+        of the packed latents (1, N, C) after each step run, unevaluated (`blend`: inpainting's, or None)."""
         hook = eval_every_blocks(self.options.eval_every) if self.options.eval_every else None
         return denoise(
             self.transformer,
@@ -664,7 +671,21 @@ class QwenImagePipeline:
             mods=self.modulation_table(schedule),
             batched_cfg=self.options.batched_cfg,
             block_hook=hook,
+            blend=blend,
         )
+
+    def picture_start(self, picture: image_input.PictureRequest, noise: mx.array, schedule: Schedule, height, width):
+        """img2img and inpainting: (the packed start latents, the blend or None). The picture's latents (the VAE
+        posterior's mode) are noised to the first step run; with a mask, `blend` keeps the unmasked region after
+        every step (diffusers' QwenImageInpaintPipeline)."""
+        latents = image_input.img2img_latents(self.vae, picture.image, height, width, self.sizes.patch)
+        mx.eval(latents)
+        start = image_input.noised(latents, noise, schedule.sigmas[schedule.start])
+        if picture.mask is None:
+            return start, None
+        s = self.sizes
+        mask = image_input.packed_mask(picture.mask, s.vae_factor, s.latent_channels, s.patch)
+        return start, image_input.inpaint_blend(latents, noise, mask, schedule.sigmas)
 
     def decode(self, latents: mx.array, height: int, width: int):
         """Packed latents (1, N, C) -> PIL image."""
@@ -707,6 +728,9 @@ class QwenImagePipeline:
         cfg_scale: float | None = None,
         seed: int | None = None,
         latents=None,
+        image=None,
+        strength: float = 0.6,
+        mask_image=None,
         callback=None,
         progress: bool = True,
         preview=None,
@@ -719,33 +743,49 @@ class QwenImagePipeline:
         to the checkpoint's native size (1024x1024 for the real ones); steps and cfg_scale to 20 and 4.0 (after
         `use_lightning(n)`: n and 1.0). `latents` is the noise (1, C, H/8, W/8)
         before packing; otherwise it is drawn from `seed` (random when None; the seed used is in `last_stats`).
-        `callback(step, latents)` is called after each step with the packed latents. `preview(step, image)`, when
-        given, is called after every `preview_every`-th step (steps count from 0: after steps preview_every - 1,
-        2 preview_every - 1, ...) and after the last, with a PIL image of the model's current guess of the final
-        picture (qwen_nb.preview: a linear latent-to-RGB map fitted once per VAE; no decode). Ctrl-C, or
-        KeyboardInterrupt raised in `callback` or `preview`, stops at the end of the current step with
-        GenerationInterrupted."""
+
+        With `image` (a PIL image, a path, or a uint8 array) it is diffusers' QwenImageImg2ImgPipeline(...,
+        image=image, strength=strength): the picture is resized (Lanczos) to height x width, which default to the
+        native size as in diffusers (not to the picture's size), encoded to the VAE posterior's mode (diffusers
+        draws a sample), noised to the first step run, and the first int(steps - steps * strength) steps are
+        skipped. With `mask_image` too (the picture's size; white is repainted, black kept) it is
+        QwenImageInpaintPipeline: after every step the kept region is the picture noised to the next step's level.
+        (diffusers' padding_mask_crop is not supported: crop the picture and the mask before.)
+
+        Steps count the steps run: `callback(step, latents)` is called after each with the packed latents (step
+        0, 1, ... as diffusers' callback_on_step_end counts them). `preview(step, image)`, when given, is called
+        after every `preview_every`-th step (after steps preview_every - 1, 2 preview_every - 1, ...) and after the
+        last, with a PIL image of the model's current guess of the final picture (qwen_nb.preview: a linear
+        latent-to-RGB map fitted once per VAE; no decode). Ctrl-C, or KeyboardInterrupt raised in `callback` or
+        `preview`, stops at the end of the current step with GenerationInterrupted."""
         height, width = self._size(height, width)
         steps = self.defaults["steps"] if steps is None else steps
         cfg_scale = self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         self._check_request(prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every)
+        picture = image_input.prepare(image, mask_image, height, width)  # None: text-to-image
+        if picture is not None:
+            check_strength(strength, steps)
         if latents is None and seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
         noise = self.initial_noise(height, width, seed, latents)
         self._check_memory_at(height, width)
         do_cfg = cfg_scale > 1 and negative_prompt is not None
-        stats = self.last_stats = GenerationStats(seed if latents is None else None, height, width, steps, do_cfg)
         grid = self.sizes.grid(height, width)
-        schedule = self.schedule(steps, grid)
+        schedule = self.schedule(steps, grid, 1.0 if picture is None else strength)
+        run = schedule.steps_run  # img2img skips the first steps
+        stats = self.last_stats = GenerationStats(seed if latents is None else None, height, width, run, do_cfg)
 
         with MemoryLimit(self.options.memory_limit_gb) as limit, stats.running():
             cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats, progress)
+            x, blend = pack_latents(noise, self.sizes.patch), None
+            if picture is not None:
+                with stats.stage("picture", "image_s"):
+                    x, blend = self.picture_start(picture, x, schedule, height, width)
             with stats.stage("weights", "load_s"):
                 self.modulation_table(schedule)  # first: its weights are read and dropped before the rest is read
                 self.materialize_transformer(progress)
             limit.weights_loaded()
-            x = pack_latents(noise, self.sizes.patch)
-            loop = self.denoise(x, cond, uncond, cfg_scale, schedule, grid)
+            loop = self.denoise(x, cond, uncond, cfg_scale, schedule, grid, blend)
             with stats.stage("denoise"):
                 x = self._run(loop, x, schedule, stats, callback, preview, preview_every, progress)
             with stats.stage("decode", "decode_s"):
@@ -780,25 +820,26 @@ class QwenImagePipeline:
             from . import preview as previews
 
             projection = previews.projection_for(self.vae)  # fitted once per VAE, from a few small decodes
-        steps, (height, width) = schedule.steps, (stats.height, stats.width)
+        run, (height, width) = schedule.steps_run, (stats.height, stats.width)
         try:
-            with tqdm(total=steps - schedule.start, desc="denoising", unit="step", disable=not progress) as bar:
+            with tqdm(total=run, desc="denoising", unit="step", disable=not progress) as bar:
                 t = time.perf_counter()
-                for i, x_next in enumerate(loop, schedule.start):
+                for k, x_next in enumerate(loop):  # k counts the steps run, i is the schedule's step
+                    i = schedule.start + k
                     mx.eval(x_next)
                     x, before = x_next, x
                     stats.step_times_s.append(time.perf_counter() - t)
                     bar.update()
                     if callback is not None:
-                        callback(i, x)
-                    if preview is not None and ((i + 1) % preview_every == 0 or i == steps - 1):
+                        callback(k, x)
+                    if preview is not None and ((k + 1) % preview_every == 0 or k == run - 1):
                         s = schedule.sigmas
                         guess = previews.x0_guess(before, x, float(s[i]), float(s[i + 1]))
-                        preview(i, previews.preview(projection, guess, height, width))
+                        preview(k, previews.preview(projection, guess, height, width))
                     t = time.perf_counter()  # the callbacks' own time is not the step's
         except KeyboardInterrupt:
             stats.interrupted_at = len(stats.step_times_s)
-            raise GenerationInterrupted(stats.interrupted_at, steps, x, height, width) from None
+            raise GenerationInterrupted(stats.interrupted_at, run, x, height, width) from None
         return x
 
     # ------------------------------------------------------------------ saving

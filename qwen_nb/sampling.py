@@ -14,6 +14,27 @@ import numpy as np
 from .scheduler import SchedulerConfig, cfg_combine, euler_step, flow_match_sigmas
 
 
+def first_step(steps: int, strength: float) -> int:
+    """The index of the first step run at `strength`: diffusers' `get_timesteps` (SD3's), which skips
+    int(steps - steps * strength) steps: ceil(steps * strength) run, up to float rounding."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+def check_strength(strength, steps: int) -> None:
+    """ValueError unless strength is a number in (0, 1] that leaves at least one of `steps` to run."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) or not 0 < strength <= 1:
+        raise ValueError(
+            f"strength must be a number in (0, 1], got {strength!r}: how much of the picture is redrawn (1 starts "
+            "from pure noise; 0.6, diffusers' default, keeps its layout)"
+        )
+    if first_step(steps, strength) >= steps:
+        raise ValueError(
+            f"strength {strength} leaves none of the {steps} steps to run (diffusers' get_timesteps skips "
+            f"int(steps - steps * strength) of them): use a strength of at least 1/steps = {1 / steps:.4g} (any "
+            "strength up to that runs the last step only)"
+        )
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The sigmas of one generation: steps + 1 values ending in 0 (float32), and the index of the first step run."""
@@ -25,15 +46,21 @@ class Schedule:
     @classmethod
     def make(cls, config: SchedulerConfig, steps: int, image_seq_len: int, strength: float = 1.0) -> "Schedule":
         """The flow-match schedule for `steps` at `image_seq_len` image tokens. With `strength` < 1 (img2img) the
-        first steps are skipped as diffusers' `get_timesteps` skips them: int(steps - steps * strength) of them."""
+        first steps are skipped as diffusers' `get_timesteps` skips them (`first_step`); the sigmas stay those of
+        all `steps`, so img2img starts at sigmas[start]."""
         sigmas = flow_match_sigmas(steps, image_seq_len, config)
-        start = int(max(steps - min(steps * strength, steps), 0))
-        return cls(sigmas, start, config.num_train_timesteps)
+        check_strength(strength, steps)
+        return cls(sigmas, first_step(steps, strength), config.num_train_timesteps)
 
     @property
     def steps(self) -> int:
         """All steps of the schedule, run or skipped."""
         return len(self.sigmas) - 1
+
+    @property
+    def steps_run(self) -> int:
+        """The steps from `start` to the end."""
+        return self.steps - self.start
 
     @property
     def timesteps(self) -> np.ndarray:
