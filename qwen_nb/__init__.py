@@ -4,13 +4,18 @@ from .switches import Switches
 from .transformer import QwenImageTransformer, TransformerConfig
 
 __version__ = "0.1.0"
-__all__ = ["QwenImagePipeline", "QwenImageTransformer", "Switches", "TransformerConfig"]
+__all__ = ["QwenImageEditPipeline", "QwenImagePipeline", "QwenImageTransformer", "Switches", "TransformerConfig"]
 
 
 def __getattr__(name):
-    # The pipeline pulls in the VAE, tokenizer and text encoder: import it only when asked for.
+    # The pipelines pull in the VAE, tokenizer and text encoder (the edit one the vision tower): import them only
+    # when asked for.
     if name == "QwenImagePipeline":
         from .pipeline import QwenImagePipeline
 
         return QwenImagePipeline
+    if name == "QwenImageEditPipeline":
+        from .edit import QwenImageEditPipeline
+
+        return QwenImageEditPipeline
     raise AttributeError(f"module 'qwen_nb' has no attribute {name!r}")

@@ -227,6 +227,128 @@ def run_generate(args) -> int:
     return 0
 
 
+DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit-2511"
+
+
+def add_edit(subparsers) -> None:
+    p = subparsers.add_parser(
+        "edit",
+        help="edit a picture (or combine up to 3) following an instruction",
+        description="Edit pictures with Qwen-Image-Edit, -2509 or -2511 (diffusers' QwenImageEditPipeline / "
+        "QwenImageEditPlusPipeline semantics): the output has the last picture's aspect ratio at about 1024x1024 "
+        "unless --size is given.",
+    )
+    p.add_argument("--image", required=True, nargs="+", type=Path, metavar="PICTURE", help="picture(s) to edit")
+    p.add_argument("--prompt", required=True, help="the instruction, e.g. 'make the sky a sunset'")
+    p.add_argument("--out", required=True, type=Path, help="image file to write (.png, .jpg, .webp)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"hub id or folder (default: $QWEN_NB_EDIT_WEIGHTS, else {DEFAULT_EDIT_MODEL}; Qwen/Qwen-Image-Edit "
+        "takes one picture, -2509 and -2511 up to 3)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20, or N with --fast N)")
+    p.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 16 (default: from the last picture)")
+    p.add_argument("--cfg", type=float, default=None, help="true CFG scale (default 4.0, 1 with --fast; <= 1: off)")
+    p.add_argument("--negative", default=" ", help="negative prompt (default ' ')")
+    p.add_argument("--seed", type=parse_seed, default=None, help="noise seed (default: random, printed)")
+    p.add_argument(
+        "--fast",
+        type=int,
+        choices=[4, 8],
+        default=None,
+        help="the step-distilled Lightning LoRA for 4 or 8 steps (Edit and -2509: downloaded unless --lora names "
+        "the file; -2511: give --lora)",
+    )
+    p.add_argument("--lora", type=Path, default=None, help="a LoRA file: with --fast the Lightning edit LoRA")
+    p.add_argument("--quantize", type=int, default=None, help="quantize the transformer to 8 or 4 bits")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: float32 on a CPU")
+    p.add_argument("--keep-text-encoder", action="store_true", help="keep the text encoder resident")
+    p.add_argument("--no-memory-check", action="store_true", help="load even when the memory plan says no")
+    p.add_argument("--memory-limit-gb", type=parse_memory_limit, default="auto", help="GB, 'auto' (default) or 'none'")
+    p.add_argument("--force", action="store_true", help="overwrite --out (and its preview file) if they exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or plan")
+    p.add_argument("--preview-every", type=int, default=None, metavar="N", help="write NAME.preview.png every N steps")
+    p.set_defaults(func=run_edit)
+
+
+def run_edit(args) -> int:
+    import mlx.core as mx
+
+    from .edit import QwenImageEditPipeline, read_picture
+    from .pipeline import GenerationInterrupted, check_size
+
+    out = args.out.expanduser()
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {out} should end in one of {', '.join(IMAGE_SUFFIXES)}")
+    check_new_file(out, args.force, "--out")
+    if not out.parent.exists():
+        raise UsageError(f"the folder {out.parent} does not exist: create it first")
+    pictures = [read_picture(path, i) for i, path in enumerate(args.image)]  # before the model loads
+    if args.size is not None:
+        check_size(args.size[1], args.size[0])
+    if args.preview_every is not None and args.preview_every < 1:
+        raise UsageError(f"--preview-every takes a number of steps >= 1, got {args.preview_every}")
+    preview_path = out.with_name(out.stem + ".preview.png")
+    if args.preview_every is not None:
+        check_new_file(preview_path, args.force, "--out (the preview goes to NAME.preview.png)")
+    if args.lora is not None and not args.lora.expanduser().exists():
+        raise UsageError(f"--lora {args.lora}: no such file")
+
+    model = args.model or os.environ.get("QWEN_NB_EDIT_WEIGHTS", "").strip() or DEFAULT_EDIT_MODEL
+    pipe = QwenImageEditPipeline.from_pretrained(
+        model,
+        dtype=None if args.dtype is None else getattr(mx, args.dtype),
+        quantize=args.quantize,
+        keep_text_encoder=True if args.keep_text_encoder else None,
+        check_memory=not args.no_memory_check,
+        verbose=not args.quiet,
+        memory_limit_gb=args.memory_limit_gb,
+    )
+    lora = None if args.lora is None else args.lora.expanduser()
+    if args.fast is not None:
+        pipe.use_lightning(args.fast, lora=lora)
+    elif lora is not None:
+        pipe.load_lora(lora)
+    width, height = args.size if args.size is not None else (None, None)
+    steps = pipe.defaults["steps"] if args.steps is None else args.steps
+    cfg = pipe.defaults["cfg_scale"] if args.cfg is None else args.cfg
+    try:
+        image = pipe.generate(
+            args.prompt,
+            pictures,
+            negative_prompt=args.negative,
+            height=height,
+            width=width,
+            steps=steps,
+            cfg_scale=cfg,
+            seed=args.seed,
+            progress=not args.quiet,
+            preview=None if args.preview_every is None else (lambda step, image: image.save(preview_path)),
+            preview_every=args.preview_every or 1,
+        )
+    except GenerationInterrupted as e:
+        print(f"\n{e.args[0].split(';')[0]}; nothing was written.", file=sys.stderr)
+        return 130
+    stats = pipe.last_stats
+    width, height = image.size
+    kwargs = {}
+    if out.suffix.lower() == ".png":
+        from PIL.PngImagePlugin import PngInfo
+
+        kwargs["pnginfo"] = PngInfo()
+        kwargs["pnginfo"].add_text(
+            "parameters",
+            f"{args.prompt}\nNegative prompt: {args.negative}\nSteps: {steps}, CFG: {cfg}, "
+            f"Seed: {stats.seed}, Size: {width}x{height}, Model: {model}, Pictures: "
+            + ", ".join(p.name for p in args.image),
+        )
+    image.save(out, **kwargs)
+    print(f"wrote {out} ({width}x{height}, seed {stats.seed}, edited from {len(args.image)} picture(s))")
+    print(f"time per step {stats.step_s:.3f} s, total {stats.total_s:.2f} s, peak memory {stats.peak_gb:.2f} GB")
+    return 0
+
+
 def add_course(subparsers) -> None:
     p = subparsers.add_parser(
         "course",
@@ -278,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     add_generate(subparsers)
+    add_edit(subparsers)
     add_course(subparsers)
     add_lab(subparsers)
     return parser

@@ -2,9 +2,10 @@
 Hugging Face cache with only the files the pipeline reads, and checked for completeness before anything is loaded.
 
 A hub id resolves in this order: a complete cached snapshot (no network; what `HF_HUB_OFFLINE=1` needs), else a
-download: the small files first (configs, shard indexes, tokenizer), then the shards those indexes name, skipping
-any text-encoder shard that holds only vision-tower or lm_head tensors. The size is stated before it starts;
-`snapshot_download` shows the progress and resumes an interrupted download when called again.
+download: the small files first (configs, shard indexes, tokenizer, processor), then the shards those indexes name,
+skipping any text-encoder shard that holds only vision-tower or lm_head tensors (the edit pipelines, `vision=True`,
+read the vision tower and skip only lm_head). The size is stated before it starts; `snapshot_download` shows the
+progress and resumes an interrupted download when called again.
 """
 
 import fnmatch
@@ -31,6 +32,7 @@ SMALL_FILES = [
     "text_encoder/*.json",
     "scheduler/*.json",
     "tokenizer/*",
+    "processor/*",  # Qwen-Image-Edit's: the image processor's settings and the tokenizer with the vision tokens
 ]
 LAYOUT = (
     "a Qwen-Image pipeline folder in diffusers layout: model_index.json beside transformer/, vae/, text_encoder/, "
@@ -49,18 +51,28 @@ class HubError(RuntimeError):
     """The hub could not be reached or refused the request; the message says what to do."""
 
 
-KEEP = {"text_encoder": is_language_model}  # per component, the tensors the pipeline reads
+def keep_rules(vision: bool = False) -> dict:
+    """Per component, the tensors a pipeline reads: the text encoder's language model, and with `vision` (the edit
+    pipelines) its vision tower too; never lm_head."""
+    if vision:
+        return {"text_encoder": lambda name: not name.startswith("lm_head.")}
+    return {"text_encoder": is_language_model}
+
+
+KEEP = keep_rules()  # the text-to-image pipeline's
 
 
 def looks_like_repo_id(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not s.startswith((".", "~"))
 
 
-def component_weight_files(folder: Path, component: str) -> list[Path]:
-    """The safetensors files of one component that the pipeline reads, each checked for completeness: missing
-    ones are a FileNotFoundError listing them all, a truncated or corrupt one a CheckpointError naming it."""
+def component_weight_files(folder: Path, component: str, vision: bool = False) -> list[Path]:
+    """The safetensors files of one component that the pipeline reads (`vision`: an edit pipeline's), each checked
+    for completeness: missing ones are a FileNotFoundError listing them all, a truncated or corrupt one a
+    CheckpointError naming it."""
     folder = Path(folder) / component
-    keep = KEEP.get(component, lambda name: True)
+    rules = keep_rules(vision)
+    keep = rules.get(component, lambda name: True)
     wanted = sorted({shard for name, shard in shard_index(folder).items() if keep(name)})
     missing = [s for s in wanted if not (folder / s).exists()]
     if missing:
@@ -69,12 +81,12 @@ def component_weight_files(folder: Path, component: str) -> list[Path]:
             f"{', '.join(missing)}. Download them again (for a hub id, run the same from_pretrained call again: "
             "it resumes and fetches only what is missing), or copy them from the original checkpoint."
         )
-    return weight_files(folder, KEEP.get(component))
+    return weight_files(folder, rules.get(component))
 
 
-def check_pipeline_folder(folder) -> Path:
+def check_pipeline_folder(folder, vision: bool = False) -> Path:
     """Raise a FileNotFoundError / CheckpointError naming the problem and the fix unless `folder` is a complete
-    Qwen-Image pipeline; return it as a Path."""
+    Qwen-Image pipeline (with `vision`, an edit pipeline's: processor/ and the vision tower too); return it."""
     folder = Path(folder).expanduser()
     if not folder.exists():
         raise FileNotFoundError(
@@ -105,42 +117,55 @@ def check_pipeline_folder(folder) -> Path:
     tok = folder / "tokenizer"
     if not (tok / "tokenizer.json").exists() and not ((tok / "vocab.json").exists() and (tok / "merges.txt").exists()):
         raise FileNotFoundError(f"{tok} has neither tokenizer.json nor vocab.json + merges.txt: copy them again.")
+    if vision and not (folder / "processor" / "preprocessor_config.json").exists():
+        raise FileNotFoundError(
+            f"{folder} has no processor/preprocessor_config.json: the edit pipelines read their pictures' settings "
+            "and the tokenizer with the vision tokens from processor/ (as Qwen/Qwen-Image-Edit has it). Copy the "
+            "folder from the original checkpoint."
+        )
     for c in WEIGHT_COMPONENTS:
-        component_weight_files(folder, c)
+        component_weight_files(folder, c, vision)
     return folder
 
 
-def resolve(repo_id_or_folder, revision: str | None = None, cache_dir=None, verbose: bool = True) -> Path:
-    """A complete pipeline folder from a local path or a hub id (downloading what is missing)."""
+def resolve(
+    repo_id_or_folder, revision: str | None = None, cache_dir=None, verbose: bool = True, vision: bool = False
+) -> Path:
+    """A complete pipeline folder from a local path or a hub id (downloading what is missing). `vision`: for an
+    edit pipeline, which reads the text encoder's vision tower and processor/ too."""
     s = str(repo_id_or_folder)
     path = Path(s).expanduser()
     if path.exists() or not looks_like_repo_id(s):
-        return check_pipeline_folder(path)
-    return download(s, revision=revision, cache_dir=cache_dir, verbose=verbose)
+        return check_pipeline_folder(path, vision)
+    return download(s, revision=revision, cache_dir=cache_dir, verbose=verbose, vision=vision)
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def cached_snapshot(repo_id: str, revision=None, cache_dir=None) -> Path:
+def cached_snapshot(repo_id: str, revision=None, cache_dir=None, vision: bool = False) -> Path:
     """The cached snapshot folder of `repo_id`, checked complete; raises if there is none or it is incomplete."""
     from huggingface_hub import snapshot_download
 
     path = snapshot_download(
         repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES, local_files_only=True
     )
-    return check_pipeline_folder(path)
+    return check_pipeline_folder(path, vision)
 
 
-def plan_download(repo_id: str, small_folder: Path, sizes: dict[str, int]) -> tuple[list[str], list[str]]:
-    """(weight files to fetch, files skipped) from the downloaded indexes and the repo's file list."""
+def plan_download(
+    repo_id: str, small_folder: Path, sizes: dict[str, int], vision: bool = False
+) -> tuple[list[str], list[str]]:
+    """(weight files to fetch, files skipped) from the downloaded indexes and the repo's file list (`vision`: for
+    an edit pipeline, the vision tower's shards fetched too)."""
+    rules = keep_rules(vision)
     wanted, skipped = [], []
     for c in WEIGHT_COMPONENTS:
         in_repo = sorted(f for f in sizes if fnmatch.fnmatch(f, f"{c}/*.safetensors"))
         index = shard_index(small_folder / c)
         if index:
-            keep = KEEP.get(c, lambda name: True)
+            keep = rules.get(c, lambda name: True)
             needed = sorted({f"{c}/{shard}" for name, shard in index.items() if keep(name)})
             skipped += sorted({f"{c}/{shard}" for shard in index.values()} - set(needed))
         else:
@@ -151,13 +176,15 @@ def plan_download(repo_id: str, small_folder: Path, sizes: dict[str, int]) -> tu
     return wanted, skipped
 
 
-def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose: bool = True) -> Path:
+def download(
+    repo_id: str, revision: str | None = None, cache_dir=None, verbose: bool = True, vision: bool = False
+) -> Path:
     """Fetch what the pipeline needs from `repo_id` into the hub cache (resuming) and return the snapshot folder."""
     from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return cached_snapshot(repo_id, revision, cache_dir)
+        return cached_snapshot(repo_id, revision, cache_dir, vision)
     except (LocalEntryNotFoundError, FileNotFoundError) as e:  # not cached, or partly: download what is missing
         problem = e
     # a corrupt cached file (CheckpointError) is raised as it is: downloading again would not replace it
@@ -192,7 +219,7 @@ def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose:
     small = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES))
     if not (small / "model_index.json").exists():
         raise FileNotFoundError(f"{repo_id} has no model_index.json: it is not a diffusers pipeline. Give {LAYOUT}.")
-    wanted, skipped = plan_download(repo_id, small, sizes)
+    wanted, skipped = plan_download(repo_id, small, sizes, vision)
 
     total = sum(sizes.get(f, 0) for f in wanted)
     have = sum(
@@ -209,7 +236,7 @@ def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose:
         if skipped:
             print(
                 f"  skipping {len(skipped)} file(s) ({_gb(sum(sizes.get(f, 0) for f in skipped))}) that hold only "
-                "vision-tower / lm_head tensors"
+                + ("lm_head tensors" if vision else "vision-tower / lm_head tensors")
             )
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
@@ -219,4 +246,4 @@ def download(repo_id: str, revision: str | None = None, cache_dir=None, verbose:
             "Free some space or point HF_HUB_CACHE at a larger disk."
         )
     folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES + wanted)
-    return check_pipeline_folder(folder)
+    return check_pipeline_folder(folder, vision)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .hub import KEEP
+from .hub import keep_rules
 from .loading import read_config, read_header, weight_files
 from .quantize import GROUP_SIZE, is_timestep_weight, quantized_bits
 
@@ -65,8 +65,11 @@ def device_memory() -> tuple[int | None, str]:
         return None, "unknown"
 
 
-def activation_bytes(folder: Path, dtype: mx.Dtype, height: int, width: int, text_tokens: int = 512) -> dict:
-    """Estimated working memory of each stage at height x width (order of magnitude, not a measurement).
+def activation_bytes(
+    folder: Path, dtype: mx.Dtype, height: int, width: int, text_tokens: int = 512, condition_tokens: int = 0
+) -> dict:
+    """Estimated working memory of each stage at height x width (order of magnitude, not a measurement);
+    `condition_tokens`: an edit's condition pictures' tokens, in the denoising sequence beside the image's.
 
     Stage by stage: the live tensors of one layer (about 16 hidden-width copies of the sequence in the
     transformer, 4 hidden + 3 MLP widths in the text encoder, 8 copies of the full-resolution feature map in the
@@ -82,7 +85,7 @@ def activation_bytes(folder: Path, dtype: mx.Dtype, height: int, width: int, tex
         tr.get("num_attention_heads", 24),
         tr.get("num_attention_heads", 24) * tr.get("attention_head_dim", 128),
     )
-    T = (height // 16) * (width // 16) + text_tokens
+    T = (height // 16) * (width // 16) + condition_tokens + text_tokens
     denoise = 16 * T * dim * item + (0 if fused else 2 * heads * T * T * 4)
 
     S = 1024 + 34  # the longest tokenized prompt
@@ -190,17 +193,21 @@ def plan_memory(
     budget: int | None = None,
     group_size: int = 64,
     schedule_modulation: bool = True,
+    vision: bool = False,
 ) -> MemoryPlan:
     """The plan for loading the pipeline in `folder`; `keep_text_encoder=None` picks resident when it fits. With
     `schedule_modulation` (the pipeline's default) the transformer is held without the weights that depend on sigma
-    alone: they are read a block at a time for each new schedule and never resident."""
+    alone: they are read a block at a time for each new schedule and never resident. `vision`: an edit pipeline,
+    which holds the text encoder's vision tower too and denoises beside a condition picture of the plan's size."""
     folder = Path(folder)
     tr_config = read_config(folder / "transformer")
     prequantized = tr_config.get("quantization")
     bits = None if prequantized else quantize
     held = (lambda name: not is_timestep_weight(name)) if schedule_modulation else None
     components = {
-        "text_encoder": component_bytes(tensor_shapes(folder / "text_encoder", KEEP["text_encoder"]), dtype),
+        "text_encoder": component_bytes(
+            tensor_shapes(folder / "text_encoder", keep_rules(vision)["text_encoder"]), dtype
+        ),
         "transformer": component_bytes(tensor_shapes(folder / "transformer", held), dtype, bits, group_size),
         "vae": component_bytes(tensor_shapes(folder / "vae"), dtype),
     }
@@ -209,7 +216,9 @@ def plan_memory(
         budget, source = device_memory()
     plan = MemoryPlan(
         components,
-        activation_bytes(folder, dtype, height, width),
+        activation_bytes(
+            folder, dtype, height, width, condition_tokens=(height // 16) * (width // 16) if vision else 0
+        ),
         budget,
         source,
         keep_text_encoder=bool(keep_text_encoder),

@@ -293,6 +293,8 @@ def native_size(folder: Path):
 class QwenImagePipeline:
     """Qwen-Image text-to-image: `from_pretrained(...)`, then `generate(prompt) -> PIL.Image`."""
 
+    reads_pictures = False  # the edit pipelines' (qwen_nb.edit): the text encoder's vision tower is read too
+
     def __init__(
         self,
         tokenizer: QwenTokenizer,
@@ -347,7 +349,8 @@ class QwenImagePipeline:
         `PipelineOptions`. `fast=8` or `4`: `use_lightning(fast)` (the step-distilled LoRA, its schedule, CFG off).
         Nothing heavy is read here: weights load lazily on first use."""
         opts = PipelineOptions(dtype=dtype, quantize=quantize, **options)
-        folder = resolve(repo_id_or_folder, revision=revision, cache_dir=cache_dir, verbose=opts.verbose)
+        vision = cls.reads_pictures
+        folder = resolve(repo_id_or_folder, revision, cache_dir, opts.verbose, vision)
         config = TransformerConfig.from_folder(folder / "transformer")
         sizes = Sizes.read(config, VAEConfig.from_folder(folder / "vae"), native_size(folder))
         stored = read_config(folder / "transformer").get("quantization")
@@ -359,10 +362,14 @@ class QwenImagePipeline:
         opts.quantize = stored["bits"] if stored else opts.quantize
         h, w = plan_size or sizes.native
         split = opts.schedule_modulation
-        plan = plan_memory(folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, schedule_modulation=split)
+        plan = plan_memory(
+            folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, schedule_modulation=split, vision=vision
+        )
         if opts.check_memory and not plan.fits:
             alternatives = {
-                b: plan_memory(folder, opts.dtype, b, None, h, w, budget=plan.budget, schedule_modulation=split)
+                b: plan_memory(
+                    folder, opts.dtype, b, None, h, w, budget=plan.budget, schedule_modulation=split, vision=vision
+                )
                 for b in (8, 4)
             }
             plan.check(alternatives)

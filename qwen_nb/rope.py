@@ -6,7 +6,9 @@ half-split layout of the text encoder. Image positions are centred on the patch 
 max(h//2, w//2) + j on all three axes, just past the largest image position.
 
 `rope_table` returns cos and sin of shape (L + N, 64) in float32, text rows first, then image rows in row-major
-grid order: the order of the joint attention sequence.
+grid order: the order of the joint attention sequence. Qwen-Image-Edit appends its condition pictures' tokens after
+the image's as further frames (`conditions`): picture k is frame k, centred on its own grid, and the text starts
+past the largest grid's half.
 """
 
 from functools import lru_cache
@@ -33,34 +35,34 @@ def image_positions(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(rows, w), np.tile(cols, h)
 
 
-def rope_angles(h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: float = 10000.0) -> np.ndarray:
-    """Rotation angles (text_len + h*w, sum(axes_dims)//2) in float32: text rows first, then the image grid."""
+def rope_angles(
+    h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: float = 10000.0, conditions=()
+) -> np.ndarray:
+    """Rotation angles (text_len + N, sum(axes_dims)//2) in float32: text rows first, then the image grid (frame 0),
+    then each condition picture's (h, w) grid of `conditions` as frame 1, 2, ... (N counts them all)."""
     f_frame, f_row, f_col = (axis_frequencies(d, theta) for d in axes_dims)
-    rows, cols = image_positions(h, w)
-    image = np.concatenate(
-        [
-            np.zeros((h * w, len(f_frame)), np.float32),  # frame index 0 for a single image
-            rows[:, None].astype(np.float32) * f_row[None],
-            cols[:, None].astype(np.float32) * f_col[None],
-        ],
-        axis=1,
-    )
-    start = max(h // 2, w // 2)
+    grids = [(h, w), *conditions]
+    frames = []
+    for k, (gh, gw) in enumerate(grids):
+        rows, cols = (p[:, None].astype(np.float32) for p in image_positions(gh, gw))
+        frame = np.full((gh * gw, 1), k, np.float32)
+        frames.append(np.concatenate([frame * f_frame[None], rows * f_row[None], cols * f_col[None]], axis=1))
+    start = max(max(gh // 2, gw // 2) for gh, gw in grids)
     text_pos = np.arange(start, start + text_len, dtype=np.float32)[:, None]
     text = text_pos * np.concatenate([f_frame, f_row, f_col])[None]
-    return np.concatenate([text, image], axis=0)
+    return np.concatenate([text, *frames], axis=0)
 
 
-def build_rope_table(h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: float = 10000.0):
-    """(cos, sin), each (text_len + h*w, 64) float32 mx.arrays, in joint [text, image] order."""
-    a = rope_angles(h, w, text_len, tuple(axes_dims), theta).astype(np.float64)
+def build_rope_table(h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: float = 10000.0, conditions=()):
+    """(cos, sin), each (text_len + N, 64) float32 mx.arrays, in joint [text, image, conditions] order."""
+    a = rope_angles(h, w, text_len, tuple(axes_dims), theta, tuple(conditions)).astype(np.float64)
     return mx.array(np.cos(a).astype(np.float32)), mx.array(np.sin(a).astype(np.float32))
 
 
 @lru_cache(maxsize=16)
-def rope_table(h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: float = 10000.0):
-    """`build_rope_table`, computed once per (grid, text length) and reused across blocks and steps."""
-    return build_rope_table(h, w, text_len, tuple(axes_dims), theta)
+def rope_table(h: int, w: int, text_len: int, axes_dims=(16, 56, 56), theta: float = 10000.0, conditions=()):
+    """`build_rope_table`, computed once per (grids, text length) and reused across blocks and steps."""
+    return build_rope_table(h, w, text_len, tuple(axes_dims), theta, tuple(conditions))
 
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:

@@ -4,8 +4,9 @@ and the prompt encoding of diffusers' `QwenImagePipeline.encode_prompt`.
 28 pre-norm decoder layers: GQA attention (28 query heads, 4 key/value heads, q/k/v with bias) with half-split
 ("rotate_half") RoPE, theta 1e6, and a SwiGLU MLP; causal plus padding mask; the output is the final RMSNorm's
 (what diffusers reads as `hidden_states[-1]`). Without images M-RoPE's three position rows are equal, which is
-plain 1-D RoPE. No vision tower, no lm_head.
-`QwenTextEncoder(config)(ids (B, S), mask (B, S)) -> (B, S, hidden)`.
+plain 1-D RoPE. No vision tower (qwen_nb.vision), no lm_head.
+`QwenTextEncoder(config)(ids (B, S), mask (B, S)) -> (B, S, hidden)`; `embeds=` and `rope=` take ready-made input
+embeddings and a rotation table instead (the pictures of `qwen_nb.vision.encode_with_images`).
 """
 
 from dataclasses import dataclass
@@ -104,15 +105,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, KV * Dh, bias=True)
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
 
-    def __call__(self, x: mx.array, mask) -> mx.array:
-        """x (B, S, D); mask: "causal" or a (B, 1, S, S) bool array."""
+    def __call__(self, x: mx.array, mask, rope=None) -> mx.array:
+        """x (B, S, D); mask: "causal" or a (B, 1, S, S) bool array; rope: None for positions 0..S-1, or a (cos, sin)
+        table (B, 1, S, Dh) in float32 (M-RoPE positions of a text with pictures)."""
         B, S, _ = x.shape
         q = self.q_proj(x).reshape(B, S, self.heads, -1).transpose(0, 2, 1, 3)  # (B, H, S, Dh)
         k = self.k_proj(x).reshape(B, S, self.kv_heads, -1).transpose(0, 2, 1, 3)  # (B, KV, S, Dh)
         v = self.v_proj(x).reshape(B, S, self.kv_heads, -1).transpose(0, 2, 1, 3)
-        # rotate_half RoPE (traditional=False) at positions 0..S-1: right padding leaves the tokens' positions alone
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
+        if rope is None:
+            # rotate_half RoPE (traditional=False) at 0..S-1: right padding leaves the tokens' positions alone
+            q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
+            k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=0)
+        else:
+            cos, sin = (t.astype(x.dtype) for t in rope)  # transformers rounds the table to the activations' dtype
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if self.switches.fast_attention:
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         else:
@@ -122,6 +128,12 @@ class Attention(nn.Module):
                 mask = mx.tril(mx.ones((S, S), dtype=mx.bool_))
             o = attention(q, k, v, self.scale, mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, S, -1))
+
+
+def rotate_half(x: mx.array) -> mx.array:
+    """(x1, x2) -> (-x2, x1) over the last axis's halves: the pairing of half-split ("rotate_half") RoPE."""
+    x1, x2 = mx.split(x, 2, axis=-1)
+    return mx.concatenate([-x2, x1], axis=-1)
 
 
 class MLP(nn.Module):
@@ -143,8 +155,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, switches)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, switches)
 
-    def __call__(self, x: mx.array, mask) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), mask)
+    def __call__(self, x: mx.array, mask, rope=None) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), mask, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -155,11 +167,11 @@ class TextModel(nn.Module):
         self.layers = [DecoderLayer(config, switches) for _ in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, switches)
 
-    def __call__(self, ids: mx.array, mask: mx.array | None = None) -> mx.array:
-        x = self.embed_tokens(ids)  # (B, S, hidden)
+    def __call__(self, ids: mx.array | None, mask: mx.array | None = None, *, embeds=None, rope=None) -> mx.array:
+        x = self.embed_tokens(ids) if embeds is None else embeds  # (B, S, hidden)
         attn_mask = "causal" if mask is None else causal_padding_mask(mask)
         for layer in self.layers:
-            x = layer(x, attn_mask)
+            x = layer(x, attn_mask, rope)
         return self.norm(x)
 
 
@@ -171,9 +183,11 @@ class QwenTextEncoder(nn.Module):
         self.config = config
         self.model = TextModel(config, switches or Switches())
 
-    def __call__(self, ids: mx.array, mask: mx.array | None = None) -> mx.array:
-        """ids (B, S) int; mask (B, S), 1 on tokens, 0 on right padding (None: no padding)."""
-        return self.model(ids, mask)
+    def __call__(self, ids: mx.array | None, mask: mx.array | None = None, *, embeds=None, rope=None) -> mx.array:
+        """ids (B, S) int; mask (B, S), 1 on tokens, 0 on right padding (None: no padding). `embeds` (B, S, hidden)
+        replaces the token embeddings of ids (pass ids=None); `rope` = (cos, sin) (B, 1, S, head_dim) rotates by
+        other positions than 0..S-1."""
+        return self.model(ids, mask, embeds=embeds, rope=rope)
 
     @staticmethod
     def sanitize(weights: dict) -> dict:

@@ -2,7 +2,10 @@
 
 Parameter names are diffusers' names verbatim (`transformer_blocks.3.img_mod.1.weight`, `...attn.to_q.bias`,
 `...img_mlp.net.0.proj.weight`), so a diffusers state dict loads strictly with `model.load_weights`.
-`model(latents (B, N, 64), text (B, L, 3584), sigma (B,), grid=(h, w)) -> velocity (B, N, 64)`.
+`model(latents (B, N, 64), text (B, L, 3584), sigma (B,), grid=(h, w)) -> velocity (B, N, 64)`. For
+Qwen-Image-Edit, `grid` is a list of grids: the image's, then each condition picture's, whose tokens follow the
+image's in `latents` (the RoPE's frames 1, 2, ...); with `zero_cond_t` (Edit-2511) those tokens are modulated at
+sigma 0.
 """
 
 import math
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .attention import FUSED_PROJECTIONS, JointAttention, joint_key_mask, split_rows
@@ -202,24 +206,44 @@ class TransformerBlock(BlockModulation):
     def _residual(self, h, gate, y):
         return (gate_residual_fused if self.switches.fused_modulation else gate_residual)(h, gate, y)
 
-    def __call__(self, img, txt, mod, rope, mask=None):
-        """img (B, N, D), txt (B, L, D); mod = (img_mod, txt_mod), each (B or 1, 6D); rope = (cos, sin)."""
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mx.split(mod[0], 6, axis=-1)
+    def __call__(self, img, txt, mod, rope, mask=None, split=None):
+        """img (B, N, D), txt (B, L, D); mod = (img_mod, txt_mod), each (B or 1, 6D); rope = (cos, sin).
+
+        With `split`, mod = (img_mod, txt_mod, cond_mod): the image tokens from `split` on (Qwen-Image-Edit's
+        condition pictures, under zero_cond_t) take cond_mod, the image modulation at sigma 0."""
+        img_mod = mx.split(mod[0], 6, axis=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = mx.split(mod[1], 6, axis=-1)
+        cond_mod = None if split is None else mx.split(mod[2], 6, axis=-1)
         sw, eps = self.switches, self.eps
 
+        def img_modulate(x, k):  # k = 0: (shift1, scale1), 3: (shift2, scale2)
+            def f(x, p):
+                return norm_modulate(x, p[k], p[k + 1], eps, sw)
+
+            return _by_part(f, (x,), img_mod, cond_mod, split)
+
+        def img_residual(h, k, y):  # k = 2: gate1, 5: gate2
+            return _by_part(lambda h, y, p: self._residual(h, p[k], y), (h, y), img_mod, cond_mod, split)
+
         img_attn, txt_attn = self.attn(
-            norm_modulate(img, img_shift1, img_scale1, eps, sw),
-            norm_modulate(txt, txt_shift1, txt_scale1, eps, sw),
-            rope,
-            mask,
+            img_modulate(img, 0), norm_modulate(txt, txt_shift1, txt_scale1, eps, sw), rope, mask
         )
-        img = self._residual(img, img_gate1, img_attn)
+        img = img_residual(img, 2, img_attn)
         txt = self._residual(txt, txt_gate1, txt_attn)
 
-        img = self._residual(img, img_gate2, self.img_mlp(norm_modulate(img, img_shift2, img_scale2, eps, sw)))
+        img = img_residual(img, 5, self.img_mlp(img_modulate(img, 3)))
         txt = self._residual(txt, txt_gate2, self.txt_mlp(norm_modulate(txt, txt_shift2, txt_scale2, eps, sw)))
         return img, txt
+
+
+def _by_part(f, xs: tuple, mod, cond_mod, split):
+    """f(*xs, mod) over all tokens, or with `split` f(*xs[:, :split], mod) and f(*xs[:, split:], cond_mod) joined
+    along the sequence (every op it wraps works token by token, so this is exact)."""
+    if split is None:
+        return f(*xs, mod)
+    head = f(*(x[:, :split] for x in xs), mod)
+    tail = f(*(x[:, split:] for x in xs), cond_mod)
+    return mx.concatenate([head, tail], axis=1)
 
 
 class OutputModulation(nn.Module):
@@ -253,25 +277,42 @@ class AdaLayerNormContinuous(OutputModulation):
 @dataclass
 class ModulationTable:
     """Every block's (img_mod, txt_mod) and the output norm's modulation, one row per sigma: for one forward
-    (a row per batch element, or one row for the whole batch), or for a whole schedule (a row per step)."""
+    (a row per batch element, or one row for the whole batch), or for a whole schedule (a row per step). A
+    zero_cond_t transformer's table also holds each block's image modulation at sigma 0 (`cond`, one row), which
+    Qwen-Image-Edit-2511's condition-picture tokens take at every step."""
 
     blocks: list  # [(img (S, 6D), txt (S, 6D))] per block
     out: mx.array  # (S, 2D)
+    cond: list | None = None  # [img (1, 6D) at sigma 0] per block, or None
 
     def step(self, i: int) -> "ModulationTable":
         """Row i alone: step i of a schedule's table."""
-        return ModulationTable([(a[i : i + 1], t[i : i + 1]) for a, t in self.blocks], self.out[i : i + 1])
+        blocks = [(a[i : i + 1], t[i : i + 1]) for a, t in self.blocks]
+        return ModulationTable(blocks, self.out[i : i + 1], self.cond)
 
     def arrays(self) -> list[mx.array]:
-        return [a for pair in self.blocks for a in pair] + [self.out]
+        return [a for pair in self.blocks for a in pair] + [self.out] + (self.cond or [])
+
+
+def _with_zero(sigmas: mx.array, zero_cond: bool) -> mx.array:
+    return mx.concatenate([sigmas, mx.zeros((1,), sigmas.dtype)]) if zero_cond else sigmas
+
+
+def _table(blocks: list, out: mx.array, zero_cond: bool) -> ModulationTable:
+    """The table of modulations computed for sigmas (+ [0] when zero_cond: its row goes to `cond`)."""
+    if not zero_cond:
+        return ModulationTable(blocks, out)
+    return ModulationTable([(a[:-1], t[:-1]) for a, t in blocks], out[:-1], [a[-1:] for a, _ in blocks])
 
 
 def modulation_table(source, sigmas: mx.array, dtype: mx.Dtype) -> ModulationTable:
     """The modulation of every block for sigmas (S,), lazily: `source` is a transformer built with its modulation or
-    a `TransformerModulation` (both have `time_text_embed`, `transformer_blocks[i].modulation`, `norm_out`)."""
-    temb = source.time_text_embed(sigmas.astype(dtype), dtype)
+    a `TransformerModulation` (both have `config`, `time_text_embed`, `transformer_blocks[i].modulation`,
+    `norm_out`). With the config's zero_cond_t, sigma 0's image modulation is computed alongside (`cond`)."""
+    zero_cond = source.config.zero_cond_t
+    temb = source.time_text_embed(_with_zero(sigmas, zero_cond).astype(dtype), dtype)
     blocks = [b.modulation(temb) for b in source.transformer_blocks]
-    return ModulationTable(blocks, source.norm_out.modulation(temb))
+    return _table(blocks, source.norm_out.modulation(temb), zero_cond)
 
 
 class TransformerModulation(nn.Module):
@@ -282,13 +323,21 @@ class TransformerModulation(nn.Module):
 
     def __init__(self, config: TransformerConfig, switches: Switches | None = None):
         super().__init__()
+        self.config = config
         self.time_text_embed = QwenTimestepProjEmbeddings(config.dim, switches=switches or Switches())
         self.transformer_blocks = [BlockModulation(config.dim) for _ in range(config.num_layers)]
         self.norm_out = OutputModulation(config.dim)
 
 
-def _call_block(block, img, txt, mod, rope, mask):
-    return block(img, txt, mod, rope, mask)
+def _call_block(block, img, txt, mod, rope, mask, split=None):
+    return block(img, txt, mod, rope, mask, split)
+
+
+def frames(grid) -> list[tuple[int, int]]:
+    """A (h, w) patch grid, or a list of them (the image's, then condition pictures'), as a list of (h, w)."""
+    if len(grid) == 2 and all(isinstance(v, (int, np.integer)) for v in grid):
+        return [(int(grid[0]), int(grid[1]))]
+    return [(int(h), int(w)) for h, w in grid]
 
 
 class QwenImageTransformer(nn.Module):
@@ -320,23 +369,23 @@ class QwenImageTransformer(nn.Module):
         else:
             self.split_projections()
 
-    def _compiled_block(self, masked: bool):
+    def _compiled_block(self, masked: bool, split: int | None = None):
         """block(img, txt, mod, rope, mask) as one compiled function of (the block's weights, inputs).
 
         Traced once with block 0 as a template whose weights are swapped for the traced inputs (and put back),
         then replayed for every block with that block's weights: one trace serves all 60. MLX traces again by
-        itself when shapes change (a new image size or text length); a change of switches or of structure
-        (fused q/k/v, quantized) makes a new function."""
+        itself when shapes change (a new image size or text length); a change of switches, of structure
+        (fused q/k/v, quantized) or of the zero_cond_t split (a number baked into the trace) makes a new one."""
         template = self.transformer_blocks[0]
         structure = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in tree_flatten(template.parameters())))
-        key = (masked, self.switches, hash(structure))
+        key = (masked, split, self.switches, hash(structure))
         cache = self.__dict__.setdefault("_compiled_blocks", {})  # a plain attribute, not a parameter
         if key not in cache:
 
             def run(params, img, txt, mod, rope, *mask):
                 saved = template.parameters()
                 template.update(params)
-                out = template(img, txt, mod, rope, mask[0] if mask else None)
+                out = template(img, txt, mod, rope, mask[0] if mask else None, split)
                 template.update(saved)
                 return out
 
@@ -382,10 +431,11 @@ class QwenImageTransformer(nn.Module):
             )
         return modulation_table(self, sigma, dtype or self.img_in.weight.dtype)
 
-    def rope(self, h: int, w: int, text_len: int):
-        """The joint (cos, sin) RoPE table for a (h, w) patch grid and text_len tokens."""
+    def rope(self, h: int, w: int, text_len: int, conditions=()):
+        """The joint (cos, sin) RoPE table for a (h, w) patch grid, text_len tokens and condition pictures' (h, w)
+        grids (Qwen-Image-Edit's frames 1, 2, ...)."""
         make = rope_table if self.switches.rope_cache else build_rope_table
-        return make(h, w, text_len, self.config.axes_dims_rope)
+        return make(h, w, text_len, self.config.axes_dims_rope, conditions=tuple(conditions))
 
     def __call__(
         self,
@@ -400,13 +450,17 @@ class QwenImageTransformer(nn.Module):
     ) -> mx.array:
         """latents (B, N, in_channels), text (B, L, joint_attention_dim), sigma (B,) or (1,) -> (B, N, out).
 
+        `grid` is the (h, w) patch grid, or a list of grids: the image's, then each condition picture's, whose
+        tokens follow in `latents` (Qwen-Image-Edit; every token's velocity is returned, as diffusers does).
         `text_mask` (B, L), 1 for real tokens, hides padded text keys. `mods` takes a precomputed
         `ModulationTable` row instead of sigma; `block_hook(i, img, txt)` is called after each block
         (for the eval-placement experiment) and may return replacements."""
         B, N, C = latents.shape
-        h, w = grid
-        if h * w != N:
-            raise ValueError(f"grid {h}x{w} has h*w = {h * w} patches, but latents have N = {N} tokens")
+        grids = frames(grid)
+        patches = sum(h * w for h, w in grids)
+        if patches != N:
+            shown = " + ".join(f"{h}x{w}" for h, w in grids)
+            raise ValueError(f"grid {shown} has {patches} patches, but latents have N = {N} tokens")
         if C != self.config.in_channels:
             raise ValueError(f"latents have {C} channels; this transformer expects {self.config.in_channels}")
         if text.shape[-1] != self.config.joint_attention_dim:
@@ -418,13 +472,21 @@ class QwenImageTransformer(nn.Module):
             mods = self.modulations(sigma, img.dtype)
         mask = None if text_mask is None else joint_key_mask(text_mask, N)
 
+        # Qwen-Image-Edit-2511: the condition pictures' tokens are modulated at sigma 0
+        split = grids[0][0] * grids[0][1] if self.config.zero_cond_t and len(grids) > 1 else None
+        if split is not None and mods.cond is None:
+            raise ValueError("zero_cond_t needs the modulation at sigma 0: a table made by this model's config")
         cached = self.switches.rope_cache
-        rope = self.rope(h, w, L) if cached else None
-        run = self._compiled_block(mask is not None) if self.switches.compiled_blocks else _call_block
+        rope = self.rope(*grids[0], L, grids[1:]) if cached else None
+        if self.switches.compiled_blocks:
+            run = self._compiled_block(mask is not None, split)
+        else:
+            run = partial(_call_block, split=split)
         for i, block in enumerate(self.transformer_blocks):
             if not cached:  # the seed's baseline: the table rebuilt inside every block
-                rope = build_rope_table(h, w, L, self.config.axes_dims_rope)
-            img, txt = run(block, img, txt, mods.blocks[i], rope, mask)
+                rope = self.rope(*grids[0], L, grids[1:])
+            mod = mods.blocks[i] if split is None else (*mods.blocks[i], mods.cond[i])
+            img, txt = run(block, img, txt, mod, rope, mask)
             if block_hook is not None:
                 img, txt = block_hook(i, img, txt) or (img, txt)
         return self.proj_out(self.norm_out(img, mods.out))
@@ -508,7 +570,7 @@ def load_modulation_table(
         return module
 
     embedder = part(QwenTimestepProjEmbeddings(config.dim), "time_text_embed.")
-    temb = embedder(sigmas.astype(dtype), dtype)
+    temb = embedder(_with_zero(sigmas, config.zero_cond_t).astype(dtype), dtype)
     mx.eval(temb)
     blocks = []
     for i in range(config.num_layers):
@@ -517,4 +579,4 @@ def load_modulation_table(
         blocks.append(mods)
     out = part(OutputModulation(config.dim), "norm_out.").modulation(temb)
     mx.eval(out)
-    return ModulationTable(blocks, out)
+    return _table(blocks, out, config.zero_cond_t)

@@ -6,7 +6,8 @@
   `Qwen25VisionTransformer(config)(pixel_values, image_grid_thw) -> (N / merge^2, out_hidden_size)`.
 - `get_rope_index`: `Qwen2_5_VLModel.get_rope_index`, the 3-D M-RoPE positions of a text with pictures.
 - `encode_with_images`: the language model of `qwen_nb.text_encoder` with the picture embeddings in place of the
-  `<|image_pad|>` tokens, rotated by those 3-D positions; returns the final-norm hidden states (B, L, hidden).
+  `<|image_pad|>` tokens, rotated by those 3-D positions (or plain ones, as diffusers 0.42.1 calls it); returns the
+  final-norm hidden states (B, L, hidden).
 """
 
 import math
@@ -20,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .loading import Config, load_strict, read_config, read_weights
 from .rmsnorm import RMSNorm
-from .text_encoder import QwenTextEncoder, causal_padding_mask
+from .text_encoder import QwenTextEncoder, rotate_half
 from .tokenizer import QwenTokenizer
 
 IMAGE_PAD = "<|image_pad|>"
@@ -405,11 +406,6 @@ class Segments:
         return o[self.scatter] if self.mode == "padded" else o
 
 
-def rotate_half(x: mx.array) -> mx.array:
-    x1, x2 = mx.split(x, 2, axis=-1)
-    return mx.concatenate([-x2, x1], axis=-1)
-
-
 def vision_rope(positions: np.ndarray, head_dim: int, theta: float) -> tuple[mx.array, mx.array]:
     """(row, column) positions (N, 2) -> (cos, sin) (N, head_dim) float32: head_dim/4 frequencies turn with the
     row, the same head_dim/4 with the column; the two halves of the head alike (rotate_half layout)."""
@@ -643,18 +639,6 @@ def mrope_table(positions, head_dim: int, theta: float, mrope_section) -> tuple[
     return mx.cos(angles), mx.sin(angles)
 
 
-def _attention(attn, x: mx.array, rope, mask) -> mx.array:
-    """The text encoder's attention layer with a precomputed rotation (its own call rotates by 0..S-1)."""
-    B, S, _ = x.shape
-    q = attn.q_proj(x).reshape(B, S, attn.heads, -1).transpose(0, 2, 1, 3)  # (B, H, S, Dh)
-    k = attn.k_proj(x).reshape(B, S, attn.kv_heads, -1).transpose(0, 2, 1, 3)
-    v = attn.v_proj(x).reshape(B, S, attn.kv_heads, -1).transpose(0, 2, 1, 3)
-    cos, sin = (t.astype(x.dtype) for t in rope)  # transformers rounds the table to the activations' dtype
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
-    return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, S, -1))
-
-
 def encode_with_images(
     encoder: QwenTextEncoder,
     input_ids,
@@ -685,11 +669,7 @@ def encode_with_images(
         x = x.reshape(B * L, -1)
         x[mx.array(slots)] = image_embeds.astype(x.dtype)
         x = x.reshape(B, L, -1)
-    if positions is None:
-        positions = np.broadcast_to(np.arange(L), (3, B, L))
-    rope = mrope_table(positions, config.head_dim, config.rope_theta, mrope_section)
-    mask = "causal" if attention_mask is None else causal_padding_mask(mx.array(attention_mask))
-    for layer in encoder.model.layers:
-        x = x + _attention(layer.self_attn, layer.input_layernorm(x), rope, mask)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return encoder.model.norm(x)
+    # plain positions: the language model's own rotation (the same table, as one kernel)
+    rope = None if positions is None else mrope_table(positions, config.head_dim, config.rope_theta, mrope_section)
+    mask = None if attention_mask is None else mx.array(attention_mask)
+    return encoder(None, mask, embeds=x, rope=rope)
