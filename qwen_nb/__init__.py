@@ -4,7 +4,14 @@ from .switches import Switches
 from .transformer import QwenImageTransformer, TransformerConfig
 
 __version__ = "0.1.0"
-__all__ = ["QwenImageEditPipeline", "QwenImagePipeline", "QwenImageTransformer", "Switches", "TransformerConfig"]
+__all__ = [
+    "QwenImage21Pipeline",
+    "QwenImageEditPipeline",
+    "QwenImagePipeline",
+    "QwenImageTransformer",
+    "Switches",
+    "TransformerConfig",
+]
 
 
 def __getattr__(name):
@@ -18,4 +25,8 @@ def __getattr__(name):
         from .edit import QwenImageEditPipeline
 
         return QwenImageEditPipeline
+    if name == "QwenImage21Pipeline":
+        from .pipeline21 import QwenImage21Pipeline
+
+        return QwenImage21Pipeline
     raise AttributeError(f"module 'qwen_nb' has no attribute {name!r}")

@@ -32,6 +32,7 @@ from .hub import HubError, _gb, looks_like_repo_id
 from .loading import read_header
 from .quantize import is_timestep_weight
 from .transformer import QwenImageTransformer, TransformerConfig
+from .transformer21 import QwenImage21Transformer, Transformer21Config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FORMATS = (
@@ -73,14 +74,17 @@ OTHER_MODELS = {
     "self_attn": "Wan or another DiT",
     "text_encoder": "a text encoder (qwen_nb applies LoRAs to the transformer only)",
     "lora_te": "a text encoder (qwen_nb applies LoRAs to the transformer only)",
+    "txt_mod": "Qwen-Image (two streams): load it with QwenImagePipeline",
+    "add_q_proj": "Qwen-Image (two streams): load it with QwenImagePipeline",
+    "gate_layer": "Qwen-Image 2.1 (one stream): load it with QwenImage21Pipeline",
 }
 
 
 # ------------------------------------------------------------------------------------------------ module names
-def linear_shapes(config: TransformerConfig) -> dict[str, tuple[int, int]]:
-    """{diffusers module path: (out, in)} of every linear of a transformer of this config, q/k/v separate and the
-    modulation included (built lazily: no weights are made)."""
-    model = QwenImageTransformer(config)
+def linear_shapes(config: TransformerConfig | Transformer21Config) -> dict[str, tuple[int, int]]:
+    """{diffusers module path: (out, in)} of every linear of a transformer of this config (Qwen-Image's or 2.1's),
+    q/k/v separate and the modulation included (built lazily: no weights are made)."""
+    model = QwenImage21Transformer(config) if isinstance(config, Transformer21Config) else QwenImageTransformer(config)
     return {p: tuple(m.weight.shape) for p, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
@@ -112,9 +116,17 @@ def _is_qwen_linear(path: str) -> bool:
     return path in top.values() or (m is not None and m.group(1) in block.values())
 
 
-def _names_look_like(config: TransformerConfig) -> str:
-    block, top = _flat_names()
+def _names_look_like(config: TransformerConfig | Transformer21Config) -> str:
     last = config.num_layers - 1
+    if isinstance(config, Transformer21Config):  # Qwen-Image 2.1: one stream, one shared modulation
+        names = linear_shapes(Transformer21Config.tiny(num_layers=1))
+        block = sorted({n.removeprefix("transformer_blocks.0.") for n in names if n.startswith("transformer_blocks.")})
+        top = sorted(n for n in names if not n.startswith("transformer_blocks."))
+        return (
+            f"transformer_blocks.<0..{last}>.{{{', '.join(block)}}} and {', '.join(top)} (Qwen-Image 2.1's; e.g. "
+            f"transformer_blocks.0.attn.to_q, transformer_blocks.{last}.img_mlp.gate_layer)"
+        )
+    block, top = _flat_names()
     return (
         f"transformer_blocks.<0..{last}>.{{{', '.join(block.values())}}} and {', '.join(top.values())}"
         f" (e.g. transformer_blocks.0.attn.to_q, transformer_blocks.{last}.img_mod.1)"
