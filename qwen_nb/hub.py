@@ -105,6 +105,10 @@ def check_pipeline_folder(folder, vision: bool = False) -> Path:
         raise CheckpointError(f"{folder / 'model_index.json'} is not valid JSON ({e}): download it again.") from e
     if kind and not kind.startswith("QwenImage"):
         raise ValueError(f"{folder} holds a {kind}, not a QwenImagePipeline: qwen_nb runs Qwen-Image only.")
+    if kind == "QwenImage21Pipeline":  # Qwen-Image 2.1: processor/ in place of tokenizer/, its own layout
+        from .pipeline21 import check_pipeline21_folder
+
+        return check_pipeline21_folder(folder)
     for c in COMPONENTS:
         if not (folder / c).is_dir():
             raise FileNotFoundError(

@@ -51,6 +51,8 @@ class TransformerConfig(Config):
         "use_additional_t_cond": "Qwen-Image-Layered's extra timestep embedding: it needs an `additional_t_cond` "
         "input that the text-to-image pipeline never gives (diffusers raises too)",
         "use_layer3d_rope": "Qwen-Image-Layered's layer RoPE: positions for a stack of layers, another pipeline",
+        "causal_condition": "Qwen-Image 2.1's single-stream transformer: load the checkpoint with "
+        "qwen_nb.QwenImage21Pipeline",
     }
 
     def __post_init__(self):

@@ -533,3 +533,14 @@ def test_memory_plan_for_the_real_size(tmp_path):
     assert plan.components["text_encoder"] / gb == pytest.approx(15.1, abs=0.1)  # lm_head and vision tower not read
     assert plan.fits and not plan.keep_text_encoder  # bfloat16, sequenced
     assert not memory.plan_memory(tmp_path, mx.bfloat16, budget=int(12 * gb), schedule_modulation=False).fits
+
+
+def test_qwen_image_pipeline_names_the_21_pipeline():
+    """qwen_nb.hub takes a 2.1 folder (processor/ in place of tokenizer/); QwenImagePipeline refuses its transformer
+    and says which pipeline loads it."""
+    from qwen_nb.hub import check_pipeline_folder
+    from qwen_nb.pipeline import QwenImagePipeline
+
+    assert check_pipeline_folder(FOLDER) == FOLDER
+    with pytest.raises(ValueError, match=r"causal_condition(.|\n)*QwenImage21Pipeline"):
+        QwenImagePipeline.from_pretrained(FOLDER, dtype=mx.float32, verbose=False)
