@@ -170,6 +170,39 @@ def test_pipeline_options_keep_diffusers_parity(folders, setting):
         assert pipe.components.builds["text_encoder"] == 1 and pipe.vision.builds["vision_tower"] == 1
 
 
+class Spy:
+    """A transformer that records the batch of every call."""
+
+    def __init__(self, model):
+        self.model, self.batches = model, []
+
+    def __getattr__(self, attr):
+        return getattr(self.model, attr)
+
+    def __call__(self, x, *args, **kw):
+        self.batches.append(x.shape[0])
+        return self.model(x, *args, **kw)
+
+
+def test_batched_cfg_with_pictures_equals_two_passes(folders):
+    """Prompt and negative prompt of one length: CFG runs as one batch of two, the pictures' latents beside each
+    (and, under zero_cond_t, both rows' condition tokens at sigma 0); the same latents as two passes within 1e-5."""
+    runs = {}
+    for batched in (True, False):
+        pipe = QwenImageEditPipeline.from_pretrained(
+            folders["plus", True], dtype=mx.float32, verbose=False, batched_cfg=batched
+        )
+        spy = Spy(pipe.transformer)
+        pipe.components.replace("transformer", spy)
+        steps = []
+        pics = pictures(CASES["plus_two"])
+        pipe.generate("a red fox in the snow", pics, "a red fox on the snow", 64, 64, 2, 4.0, seed=0, progress=False,
+                      callback=lambda i, x, steps=steps: steps.append(np.array(x)))  # fmt: skip
+        runs[batched] = (np.stack(steps), spy.batches)
+    assert runs[True][1] == [2, 2] and runs[False][1] == [1] * 4
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)
+
+
 def test_modulation_table_holds_sigma_zero_for_zero_cond_t(pipes):
     """Edit-2511's table has one more row per block, the image modulation at sigma 0, read with the schedule's."""
     pipe = pipes["plus", True]
