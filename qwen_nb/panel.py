@@ -1,5 +1,7 @@
 """An ipywidgets panel for `QwenImagePipeline.generate`: prompt, negative prompt, steps, CFG, seed (with a dice),
 size preset, Generate and Stop; it shows the live preview, the final image, the time per step and the peak memory.
+For an edit pipeline (`QwenImageEditPipeline`) it is in edit mode: a picture upload (one picture, or up to 3 for
+Edit-2509/2511) shown as thumbnails, and a size taken from the last picture unless a preset is chosen.
 
 `panel(pipe)` builds and displays one. Generate runs in a background thread so the notebook stays responsive and
 Stop works: Stop sets a flag that the step callback checks, raising KeyboardInterrupt there, which `generate`
@@ -12,16 +14,23 @@ import os
 import threading
 import time
 
+from PIL import Image
+
 from .pipeline import ASPECTS, GenerationInterrupted
 
 DISPLAY_PX = 256  # the side the images are shown at
+THUMB_PX = 96  # the side the edit mode's input pictures are shown at
+FROM_PICTURE = "from the last picture"  # the edit mode's default size
 
 
 def sizes_for(pipe) -> dict[str, tuple[int, int]]:
     """Size presets {label: (width, height)}: the one size of a checkpoint that declares it was trained at one
-    (the demo model), else its native size (1024x1024) and the model card's aspect ratios."""
+    (the demo model), else its native size (1024x1024) and the model card's aspect ratios. An edit pipeline's
+    first entry is (None, None): the size the last picture gives."""
     h, w = pipe.native_size
     native = {f"native {w}x{h}": (w, h)}
+    if getattr(pipe, "reads_pictures", False):
+        return {FROM_PICTURE: (None, None), **{f"{k} {w}x{h}": (w, h) for k, (w, h) in ASPECTS.items()}}
     if pipe.sizes.native_declared:
         return native
     return {**native, **{f"{k} {w}x{h}": (w, h) for k, (w, h) in ASPECTS.items()}}
@@ -43,7 +52,7 @@ class Panel:
     def __init__(
         self,
         pipe,
-        prompt: str = "a red circle at the top left on a blue background",
+        prompt: str | None = None,
         negative_prompt: str = " ",
         steps: int = 20,
         cfg_scale: float = 4.0,
@@ -54,6 +63,8 @@ class Panel:
         import ipywidgets as w
 
         self.pipe = pipe
+        self.editing = getattr(pipe, "reads_pictures", False)  # an edit pipeline: pictures in, edited picture out
+        self.pictures = []  # the edit mode's input pictures (PIL), in order
         self.preview_every = preview_every
         self.sizes = sizes or sizes_for(pipe)
         self.image = None  # the last finished image (PIL)
@@ -65,6 +76,12 @@ class Panel:
         self._thread: threading.Thread | None = None
 
         full = w.Layout(width="96%")
+        if prompt is None:
+            prompt = (
+                "make the background a starry night"
+                if self.editing
+                else "a red circle at the top left on a blue background"
+            )
         self.prompt = w.Textarea(value=prompt, description="Prompt", rows=2, layout=full)
         self.negative = w.Text(value=negative_prompt, description="Negative", layout=full)
         self.steps = w.IntSlider(value=steps, min=1, max=100, description="Steps")
@@ -78,6 +95,9 @@ class Panel:
         self.preview = w.Image(format="png", layout=w.Layout(**shown, border="1px solid #ccc"))
         self.final = w.Image(format="png", layout=w.Layout(**shown, border="1px solid #ccc"))
         self.status = w.HTML(value="ready")
+        self.upload = w.FileUpload(accept="image/*", multiple=True, description="Pictures")
+        self.thumbnails = w.HBox([])
+        self.upload.observe(lambda change: self._uploaded(change["new"]), names="value")
         for widget, name in [
             (self.generate_button, "generate"),
             (self.stop_button, "stop"),
@@ -85,6 +105,8 @@ class Panel:
             (self.preview, "preview"),
             (self.final, "final"),
             (self.status, "status"),
+            (self.upload, "upload"),
+            (self.thumbnails, "pictures"),
         ]:
             widget.add_class(f"qwen-nb-{name}")  # stable hooks for the browser test
 
@@ -92,8 +114,10 @@ class Panel:
         self.generate_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         caption = {"font_size": "12px"}
+        pictures = [w.HBox([self.upload, self.thumbnails])] if self.editing else []
         self.widget = w.VBox(
             [
+                *pictures,
                 self.prompt,
                 self.negative,
                 w.HBox([self.steps, self.cfg]),
@@ -121,10 +145,32 @@ class Panel:
         self.seed.value = random_seed()
         return self.seed.value
 
+    def set_pictures(self, pictures) -> None:
+        """The edit mode's input pictures (PIL images or paths; what the upload sets), shown as thumbnails."""
+        import ipywidgets as w
+
+        pictures = [p if isinstance(p, Image.Image) else Image.open(p) for p in pictures]
+        self.pictures = pictures
+        thumbs = []
+        for p in pictures:
+            small = p.copy()
+            small.thumbnail((THUMB_PX, THUMB_PX))
+            thumbs.append(w.Image(value=png_bytes(small), format="png", layout=w.Layout(border="1px solid #ccc")))
+        self.thumbnails.children = thumbs
+        limit = getattr(self.pipe, "max_pictures", len(pictures))
+        note = f" (this model takes at most {limit})" if len(pictures) > limit else ""
+        self.status.value = f"{len(pictures)} picture(s) to edit{note}"
+
+    def _uploaded(self, files) -> None:
+        try:  # ipywidgets 8: a tuple of {"name", "content", ...}
+            self.set_pictures([Image.open(io.BytesIO(bytes(f["content"]))) for f in files])
+        except Exception as e:  # a file that is not a picture: said in the panel
+            self.status.value = f"<span style='color:#b00'>could not read the upload: {_escape(str(e))}</span>"
+
     def params(self) -> dict:
         """generate()'s arguments as the widgets hold them now."""
         width, height = self.sizes[self.size.value]
-        return dict(
+        params = dict(
             prompt=self.prompt.value,
             negative_prompt=self.negative.value,
             height=height,
@@ -133,6 +179,9 @@ class Panel:
             cfg_scale=float(self.cfg.value),
             seed=int(self.seed.value),
         )
+        if self.editing:
+            params["image"] = list(self.pictures) or None  # none: generate() says a picture is needed
+        return params
 
     def start(self) -> threading.Thread | None:
         """Generate in a background thread (what the button does); None if a generation is already running."""

@@ -387,3 +387,27 @@ def test_cli_edit_bad_input(folders, tmp_path, capsys):
     assert "takes at most 1" in capsys.readouterr().err
     assert main(["edit", "--image", str(PICTURES / "wide.png"), "--prompt", "x", "--out", str(tmp_path / "o.gif")]) == 2
     assert "should end in one of" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the panel
+def test_panel_edit_mode(pipes):
+    """For an edit pipeline the panel shows a picture upload; uploaded pictures are edited, at the last picture's
+    size unless a preset is chosen; without a picture the panel says one is needed."""
+    from qwen_nb.panel import FROM_PICTURE, Panel
+
+    pipe = pipes["plus", True]
+    p = Panel(pipe, steps=1, seed=3)
+    assert p.editing and p.upload in p.widget.children[0].children and p.size.value == FROM_PICTURE
+    assert p.generate_now() is None and "image is required" in p.status.value
+    uploads = [
+        {"name": f"{n}.png", "content": memoryview((PICTURES / f"{n}.png").read_bytes())} for n in ("wide", "tall")
+    ]
+    p._uploaded(tuple(uploads))  # what the FileUpload widget's value change delivers
+    assert len(p.pictures) == 2 and len(p.thumbnails.children) == 2 and "2 picture(s)" in p.status.value
+    image = p.generate_now()
+    assert image is not None and image.size == (96, 160)  # the last picture's (tall) ratio at the checkpoint's area
+    same = pipe.generate(p.prompt.value, [Image.open(PICTURES / n) for n in ("wide.png", "tall.png")], " ", steps=1,
+                         seed=3, progress=False)  # fmt: skip
+    assert np.array_equal(np.asarray(image), np.asarray(same))
+    p._uploaded(({"name": "notes.txt", "content": memoryview(b"not a picture")},))
+    assert "could not read the upload" in p.status.value
