@@ -57,6 +57,14 @@ def parse_memory_limit(text: str):
     return value
 
 
+class Given(argparse.Action):
+    """Store the value and note that the option was given (`args.given`): Qwen-Image 2.1's defaults differ."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", set()) | {self.dest}
+
+
 def add_generate(subparsers) -> None:
     from .pipeline import ASPECTS
 
@@ -73,7 +81,13 @@ def add_generate(subparsers) -> None:
         help=f"hub id or folder (default: $QWEN_NB_WEIGHTS, else {DEFAULT_MODEL}; the embedded demo model, no "
         "download: assets/demo)",
     )
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20; the model card uses 50)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        action=Given,
+        help="denoising steps (default 20; the model card uses 50; Qwen-Image 2.1: its author's schedule)",
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--size",
@@ -85,14 +99,16 @@ def add_generate(subparsers) -> None:
         choices=list(ASPECTS),
         help="a model-card preset: " + ", ".join(f"{k}={w}x{h}" for k, (w, h) in ASPECTS.items()),
     )
-    p.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (default 4.0; <= 1 turns CFG off)")
+    p.add_argument(
+        "--cfg", type=float, default=4.0, action=Given, help="true CFG scale (default 4.0, 2.1: 1; <= 1 turns CFG off)"
+    )
     p.add_argument(
         "--image",
         type=Path,
         default=None,
         metavar="PATH",
         help="img2img: start from this picture, resized to the output size (--size; default the native size, as "
-        "diffusers' QwenImageImg2ImgPipeline)",
+        "diffusers' QwenImageImg2ImgPipeline); with a Qwen-Image 2.1 model, a condition picture",
     )
     p.add_argument(
         "--strength",
@@ -107,7 +123,9 @@ def add_generate(subparsers) -> None:
         metavar="PATH",
         help="with --image: inpaint; a picture of the image's size, white where it is repainted, black where kept",
     )
-    p.add_argument("--negative", default=" ", help="negative prompt (default ' ', the model card's)")
+    p.add_argument(
+        "--negative", default=" ", action=Given, help="negative prompt (default ' ', the model card's; 2.1: none)"
+    )
     p.add_argument(
         "--seed", type=parse_seed, default=None, help="noise seed, 0 to 2**64 - 1 (default: random, printed)"
     )
@@ -145,6 +163,11 @@ def check_new_file(path: Path, force: bool, what: str) -> None:
 
 def run_generate(args) -> int:
     import mlx.core as mx
+
+    from .pipeline21 import is_qwen21
+
+    if is_qwen21(args.model or default_model()):  # Qwen-Image 2.1: its own pipeline (run_generate21)
+        return run_generate21(args)
 
     from .image_input import load_pair
     from .pipeline import ASPECTS, GenerationInterrupted, QwenImagePipeline, check_size
@@ -223,6 +246,82 @@ def run_generate(args) -> int:
     print(f"wrote {out} ({width}x{height}, seed {stats.seed}{run})")
     if args.preview_every is not None:
         print(f"previews went to {preview_path} (the last one: the guess after the last step)")
+    print(f"time per step {stats.step_s:.3f} s, total {stats.total_s:.2f} s, peak memory {stats.peak_gb:.2f} GB")
+    return 0
+
+
+def run_generate21(args) -> int:
+    """`generate` for a Qwen-Image 2.1 checkpoint: diffusers' QwenImage21Pipeline defaults (the author's schedule,
+    no CFG) unless --steps / --cfg / --negative are given; --image is a condition picture; the image is RGBA."""
+    import mlx.core as mx
+
+    from .pipeline import GenerationInterrupted
+    from .pipeline21 import QwenImage21Pipeline
+
+    model = args.model or default_model()
+    out = args.out.expanduser()
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {out} should end in one of {', '.join(IMAGE_SUFFIXES)}")
+    check_new_file(out, args.force, "--out")
+    if not out.parent.exists():
+        raise UsageError(f"the folder {out.parent} does not exist: create it first")
+    for flag, value in (
+        ("--aspect", args.aspect),
+        ("--strength", args.strength),
+        ("--mask", args.mask),
+        ("--preview-every", args.preview_every),
+    ):
+        if value is not None:
+            raise UsageError(f"{flag} is for Qwen-Image; {model} is Qwen-Image 2.1, which has no such option")
+    if args.image is not None and not args.image.expanduser().is_file():
+        raise UsageError(f"--image {args.image}: no such file")
+    given = getattr(args, "given", set())
+    steps = args.steps if "steps" in given else None
+    cfg = args.cfg if "cfg" in given else 1.0
+    negative = args.negative if "negative" in given or cfg > 1 else None
+    width, height = args.size if args.size is not None else (None, None)
+    pipe = QwenImage21Pipeline.from_pretrained(
+        model,
+        dtype=None if args.dtype is None else getattr(mx, args.dtype),
+        quantize=args.quantize,
+        keep_text_encoder=True if args.keep_text_encoder else None,
+        check_memory=not args.no_memory_check,
+        plan_size=None if args.size is None else (height, width),
+        verbose=not args.quiet,
+        memory_limit_gb=args.memory_limit_gb,
+    )
+    try:
+        image = pipe.generate(
+            args.prompt,
+            negative,
+            height,
+            width,
+            steps,
+            cfg,
+            seed=args.seed,
+            image=None if args.image is None else args.image.expanduser(),
+            progress=not args.quiet,
+        )
+    except GenerationInterrupted as e:
+        print(f"\n{e.args[0].split(';')[0]}; nothing was written.", file=sys.stderr)
+        return 130
+    stats = pipe.last_stats
+    width, height = image.size
+    if out.suffix.lower() in (".jpg", ".jpeg"):
+        image = image.convert("RGB")  # JPEG has no alpha: the RGBA picture's colour channels
+    options = {}
+    if out.suffix.lower() == ".png":
+        from PIL.PngImagePlugin import PngInfo
+
+        options["pnginfo"] = PngInfo()
+        picture = "" if args.image is None else f", Image: {args.image}"
+        options["pnginfo"].add_text(
+            "parameters",
+            f"{args.prompt}\nNegative prompt: {negative}\nSteps: {stats.steps}, CFG: {cfg}, Seed: {stats.seed}, "
+            f"Size: {width}x{height}{picture}, Model: {model}",
+        )
+    image.save(out, **options)
+    print(f"wrote {out} ({width}x{height} {image.mode}, seed {stats.seed}, {stats.steps} steps)")
     print(f"time per step {stats.step_s:.3f} s, total {stats.total_s:.2f} s, peak memory {stats.peak_gb:.2f} GB")
     return 0
 

@@ -690,4 +690,28 @@ def is_qwen21_folder(folder) -> bool:
         return False
 
 
-__all__ = ["QwenImage21Pipeline", "calculate_dimensions", "is_qwen21_folder", "sigma_schedule"]
+def is_qwen21(model, revision=None, cache_dir=None) -> bool:
+    """Whether `model` (a folder or a hub id) is a Qwen-Image 2.1 pipeline: its model_index.json, from the folder,
+    the Hugging Face cache or a download of that one small file, names QwenImage21Pipeline. False when it cannot
+    be read (the caller's loader then reports why)."""
+    from .hub import looks_like_repo_id
+
+    s = str(model)
+    path = Path(s).expanduser()
+    if path.exists() or not looks_like_repo_id(s):
+        return is_qwen21_folder(path)
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+
+        index = huggingface_hub.try_to_load_from_cache(s, "model_index.json", cache_dir=cache_dir, revision=revision)
+        if not isinstance(index, str):
+            if constants.HF_HUB_OFFLINE:
+                return False
+            index = huggingface_hub.hf_hub_download(s, "model_index.json", revision=revision, cache_dir=cache_dir)
+        return is_qwen21_folder(Path(index).parent)
+    except Exception:  # noqa: BLE001 - no network, no such repo: not for this function to report
+        return False
+
+
+__all__ = ["QwenImage21Pipeline", "calculate_dimensions", "is_qwen21", "is_qwen21_folder", "sigma_schedule"]

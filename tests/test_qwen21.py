@@ -544,3 +544,30 @@ def test_qwen_image_pipeline_names_the_21_pipeline():
     assert check_pipeline_folder(FOLDER) == FOLDER
     with pytest.raises(ValueError, match=r"causal_condition(.|\n)*QwenImage21Pipeline"):
         QwenImagePipeline.from_pretrained(FOLDER, dtype=mx.float32, verbose=False)
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+def test_cli_generate_dispatches_to_21(tmp_path, pipe, capsys, monkeypatch):
+    """`python -m qwen_nb generate --model <2.1>`: diffusers' 2.1 defaults (the author's schedule, no CFG), --image
+    as a condition picture, an RGBA PNG with its parameters; Qwen-Image-only options refused by name."""
+    from qwen_nb.__main__ import main
+
+    base = ["generate", "--model", str(FOLDER), "--dtype", "float32", "--seed", "5", "--quiet"]
+    out = tmp_path / "fox.png"
+    assert main([*base, "--prompt", "a red fox", "--out", str(out), "--size", "64x32"]) == 0
+    assert f"wrote {out} (64x32 RGBA, seed 5, 4 steps)" in capsys.readouterr().out
+    same = pipe.generate("a red fox", height=32, width=64, seed=5, progress=False)
+    saved = Image.open(out)
+    assert saved.mode == "RGBA" and np.array_equal(np.asarray(saved), np.asarray(same))
+    assert "Steps: 4, CFG: 1.0" in saved.text["parameters"]
+
+    out = tmp_path / "hat.png"
+    args = ["--prompt", "a hat", "--out", str(out), "--image", str(PICTURES / "rgba.png"), "--steps", "1", "--cfg", "3"]
+    assert main([*base, *args]) == 2  # at 1024^2 pixels the tiny processor (at most 256^2) resizes the picture
+    assert "slots" in capsys.readouterr().err
+    generate = QwenImage21Pipeline.generate  # at the tiny model's resolution, 96^2 pixels
+    monkeypatch.setattr(QwenImage21Pipeline, "generate", lambda *a, **k: generate(*a, **k, output_resolution=96))
+    assert main([*base, *args]) == 0
+    assert Image.open(out).size == (128, 64) and "CFG: 3.0" in Image.open(out).text["parameters"]  # the picture's 3:2
+    assert main([*base, "--prompt", "x", "--out", str(tmp_path / "y.png"), "--strength", "0.5"]) == 2
+    assert "--strength is for Qwen-Image" in capsys.readouterr().err
