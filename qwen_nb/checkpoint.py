@@ -22,11 +22,13 @@ def save_pipeline(
     quantization: dict | None,
     overwrite: bool = False,
     max_shard_size: int = 5_000_000_000,
+    vision: bool = False,
 ) -> Path:
     """Write a pipeline folder: everything of `source` but the transformer's weights, which are
     `transformer_weights` (checkpoint names; consumed shard by shard, so the dict should be the only holder of
     its arrays), with `quantization` (a QuantizationReport's config) marked in transformer/config.json. Refuses a
-    non-empty folder unless `overwrite=True` (then files of the same names are replaced)."""
+    non-empty folder unless `overwrite=True` (then files of the same names are replaced). `vision`: an edit
+    pipeline's, whose text-encoder vision tower and processor/ are copied too."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file: give a folder to save the pipeline into")
@@ -41,7 +43,7 @@ def save_pipeline(
     out.mkdir(parents=True, exist_ok=True)
 
     _copy(source / "model_index.json", out / "model_index.json")
-    for c in ("tokenizer", "scheduler"):
+    for c in ("tokenizer", "scheduler") + (("processor",) if vision else ()):
         for f in sorted((source / c).iterdir()):
             if f.is_file():
                 _copy(f, out / c / f.name)
@@ -49,7 +51,7 @@ def save_pipeline(
         for f in sorted((source / c).iterdir()):
             if f.is_file() and not f.name.endswith(".safetensors"):
                 _copy(f, out / c / f.name)
-        for f in component_weight_files(source, c):
+        for f in component_weight_files(source, c, vision):
             _copy(f, out / c / f.name)
 
     tdir = out / "transformer"

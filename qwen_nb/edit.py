@@ -195,12 +195,6 @@ class QwenImageEditPipeline(QwenImagePipeline):
             "the edit pipelines load from a checkpoint (from_pretrained): they need its vision tower and processor/"
         )
 
-    def save_pretrained(self, *args, **kwargs):
-        raise NotImplementedError(
-            "saving an edit pipeline is not supported yet (the copy would lack the vision tower and processor/): "
-            "keep the original checkpoint and load it with quantize= or load_lora() again"
-        )
-
     @property
     def vision_tower(self):
         return self.vision["vision_tower"]

@@ -866,7 +866,7 @@ class QwenImagePipeline:
         weights = model.diffusers_weights()
         del model  # the dict is the weights' only holder: they are read and written a shard at a time
         config = report.to_config() if report else None
-        return save_pipeline(self.folder, folder, weights, config, overwrite, max_shard_size)
+        return save_pipeline(self.folder, folder, weights, config, overwrite, max_shard_size, self.reads_pictures)
 
 
 def materialize(module, desc: str | None = None) -> None:
