@@ -186,6 +186,9 @@ def resolve21(repo_id_or_folder, revision=None, cache_dir=None, verbose: bool = 
 class QwenImage21Pipeline:
     """Qwen-Image 2.1: `from_pretrained(...)`, then `generate(prompt, image=None) -> PIL.Image` (RGBA)."""
 
+    reads_pictures = True  # condition pictures, optional (qwen_nb.panel shows a picture upload)
+    native_size = (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION)  # without a picture, output_resolution square
+
     def __init__(
         self,
         processor: Qwen3VLProcessor,
@@ -572,6 +575,8 @@ class QwenImage21Pipeline:
         output_resolution: int = DEFAULT_RESOLUTION,
         callback=None,
         progress: bool = True,
+        preview=None,
+        preview_every: int = 1,
     ) -> Image.Image:
         """One RGBA image, as diffusers' QwenImage21Pipeline(prompt, image, negative_prompt, true_cfg_scale=cfg_scale,
         ...), whose defaults these are: no CFG (2.1 is meant to be sampled without), the author's sample_sigmas
@@ -580,8 +585,9 @@ class QwenImage21Pipeline:
         `image`: condition pictures (PIL, uint8 arrays or paths; one or a list), resized to about
         output_resolution^2 pixels; the output size defaults to the last one's (else output_resolution square).
         `latents`: the unpacked noise (1, C, H/16, W/16); otherwise drawn from `seed` (random when None).
-        `callback(step, latents)` after each step with the packed latents. Ctrl-C stops after the current step with
-        GenerationInterrupted."""
+        `callback(step, latents)` after each step with the packed latents; `preview(step, image)` after every
+        `preview_every`-th step and the last with a cheap RGB guess of the final picture (a linear map of the
+        latents fitted once per VAE, no decode). Ctrl-C stops after the current step with GenerationInterrupted."""
         if not _is_int(output_resolution) or output_resolution < 32:
             raise ValueError(f"output_resolution must be an integer number of pixels >= 32, got {output_resolution!r}")
         given, pictures = self.condition_pictures(image, output_resolution)
@@ -590,6 +596,10 @@ class QwenImage21Pipeline:
             height, width = height or h, width or w
         height, width = height or output_resolution, width or output_resolution
         self._check_request(prompt, negative_prompt, height, width, steps, cfg_scale, seed, use_kv_cache)
+        if preview is not None and not callable(preview):
+            raise ValueError(f"preview must be a function (step, PIL image) or None, got {type(preview).__name__}")
+        if not _is_int(preview_every) or preview_every < 1:
+            raise ValueError(f"preview_every must be an integer >= 1 (steps between previews), got {preview_every!r}")
         if latents is None and seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
         noise = self.initial_noise(height, width, seed, latents)
@@ -619,7 +629,7 @@ class QwenImage21Pipeline:
                 x, cond[0], uncond[0] if uncond else None, cfg_scale, schedule, layouts, condition, use_kv_cache
             )
             with stats.stage("denoise"):
-                x = self._run(loop, x, schedule, stats, callback, progress)
+                x = self._run(loop, x, schedule, stats, callback, progress, preview, preview_every)
             with stats.stage("decode", "decode_s"):
                 picture = self.decode(x, height, width)
         return picture
@@ -655,26 +665,56 @@ class QwenImage21Pipeline:
             self._transformer_config = self.transformer.config
         return self._transformer_config
 
-    def _run(self, loop, x, schedule: Schedule, stats, callback, progress):
-        """Drive the loop: evaluate once per step, time it, report; Ctrl-C ends it after a step."""
+    def _run(self, loop, x, schedule: Schedule, stats, callback, progress, preview=None, preview_every=1):
+        """Drive the loop: evaluate once per step, time it, report, preview; Ctrl-C ends it after a step."""
         from tqdm.auto import tqdm
 
+        from .preview import x0_guess
+
         steps, (height, width) = schedule.steps, (stats.height, stats.width)
+        projection = preview_projection(self.vae) if preview is not None else None
         try:
             with tqdm(total=steps, desc="denoising", unit="step", disable=not progress) as bar:
                 t = time.perf_counter()
                 for i, x_next in enumerate(loop):
                     mx.eval(x_next)
-                    x = x_next
+                    x, before = x_next, x
                     stats.step_times_s.append(time.perf_counter() - t)
                     bar.update()
                     if callback is not None:
                         callback(i, x)
-                    t = time.perf_counter()
+                    if preview is not None and ((i + 1) % preview_every == 0 or i == steps - 1):
+                        s = schedule.sigmas
+                        guess = x0_guess(before, x, float(s[i]), float(s[i + 1]))
+                        f = self.vae_factor
+                        small = Image.fromarray(projection.to_uint8(guess.reshape(height // f, width // f, -1)))
+                        preview(i, small.resize((width, height), Image.BILINEAR))
+                    t = time.perf_counter()  # the callbacks' own time is not the step's
         except KeyboardInterrupt:
             stats.interrupted_at = len(stats.step_times_s)
             raise GenerationInterrupted(stats.interrupted_at, steps, x, height, width) from None
         return x
+
+
+def preview_projection(vae: AutoencoderKLQwenImage21):
+    """qwen_nb.preview's latent -> RGB map for the 2.1 VAE (16x, RGBA): fitted once per VAE on the decodes of a few
+    small latents (random, and encodings of opaque smooth colour fields), their RGB pooled 16x16."""
+    from .preview import _CACHE, LatentProjection, pool, smooth_colour_fields, solve
+
+    proj = getattr(vae, _CACHE, None)
+    if proj is None:
+        f, n, side = vae.config.scale_factor, 4, 8
+        fields = smooth_colour_fields(n, side * f)
+        opaque = np.concatenate([fields, np.ones((*fields.shape[:3], 1), np.float32)], axis=-1)
+        noise = mx.random.normal((n, side, side, vae.config.z_dim), key=mx.random.key(0))
+        z = mx.concatenate([noise, vae.encode(mx.array(opaque)).astype(mx.float32)])
+        target = pool(vae.decode(z)[..., :3], f)
+        z = np.asarray(z.astype(mx.float32))
+        weight, bias = solve(z, target)
+        residual = z.reshape(-1, z.shape[-1]) @ weight + bias - target.reshape(-1, 3)
+        proj = LatentProjection(weight, bias, float(np.sqrt(np.mean(residual**2))))
+        object.__setattr__(vae, _CACHE, proj)
+    return proj
 
 
 def _joint(condition: mx.array | None, x: mx.array) -> mx.array:

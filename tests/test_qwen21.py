@@ -571,3 +571,24 @@ def test_cli_generate_dispatches_to_21(tmp_path, pipe, capsys, monkeypatch):
     assert Image.open(out).size == (128, 64) and "CFG: 3.0" in Image.open(out).text["parameters"]  # the picture's 3:2
     assert main([*base, "--prompt", "x", "--out", str(tmp_path / "y.png"), "--strength", "0.5"]) == 2
     assert "--strength is for Qwen-Image" in capsys.readouterr().err
+
+
+def test_previews_and_the_panel(pipe):
+    """Previews (a linear latent -> RGB map fitted once per VAE) after every second step and the last; the notebook
+    panel drives the pipeline (picture upload optional, size from the picture or 1024x1024)."""
+    seen = []
+    pipe.generate("a fox", height=32, width=64, seed=1, progress=False, preview=lambda i, im: seen.append((i, im)),
+                  preview_every=2)  # fmt: skip
+    assert [i for i, _ in seen] == [1, 3] and all(im.size == (64, 32) and im.mode == "RGB" for _, im in seen)
+    pytest.importorskip("ipywidgets")
+    from qwen_nb.panel import Panel
+
+    p = Panel(pipe, steps=2, cfg_scale=1.0, negative_prompt="")
+    p.set_pictures([Image.open(PICTURES / "rgba.png")])
+    generate = pipe.generate
+    pipe.generate = lambda *a, **k: generate(*a, **k, output_resolution=96)  # the tiny processor's range
+    try:
+        image = p.generate_now()
+    finally:
+        del pipe.generate
+    assert p.error is None and image.size == (128, 64) and image.mode == "RGBA"
