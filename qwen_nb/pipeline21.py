@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -45,6 +46,7 @@ from .transformer21 import (
     QwenImage21Transformer,
     Transformer21Config,
     load_transformer21,
+    quantize_transformer21,
 )
 from .vae import postprocess
 from .vae21 import AutoencoderKLQwenImage21, load_vae21
@@ -303,9 +305,13 @@ class QwenImage21Pipeline:
         def denoiser():
             model = build()
             if pipe._rebuildable:
-                pipe.loras.forget()
-            if len(pipe.loras):
-                (pipe.loras.attach if opts.lora_adapters else pipe.loras.fuse)(model)
+                pipe.loras.forget()  # a new model: nothing of the last one to put back
+            if len(pipe.loras) and not opts.lora_adapters:  # merged before quantizing
+                pipe.loras.fuse(model, keep=not pipe._rebuildable)
+            if opts.quantize and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+                pipe.quantization = quantize_transformer21(model, opts.quantize)
+            if len(pipe.loras) and opts.lora_adapters:
+                pipe.loras.attach(model)
             return model
 
         store = ComponentStore(
