@@ -242,6 +242,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         the templated text and the pictures through the processor, the vision tower and the language model, the
         first 64 tokens dropped (no cut to max_sequence_length: diffusers' edit pipelines make none). Cached by
         (text, pictures); frees the text encoder and the vision tower afterwards when the pipeline runs sequenced."""
+        if self.text_positions not in ("plain", "mrope"):
+            raise ValueError(f"text_positions must be 'plain' (diffusers') or 'mrope', not {self.text_positions!r}")
         stats = stats or GenerationStats(None, 0, 0, 0, False)
         keys = [(t, pictures.key, self.text_positions) for t in texts]
         if any(k not in self._cache for k in keys):

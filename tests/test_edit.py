@@ -243,6 +243,12 @@ def test_text_positions_option(pipes):
     finally:
         pipe.text_positions = "plain"
     assert plain.shape == mrope.shape and np.abs(np.array(plain) - np.array(mrope)).max() > 1e-4
+    pipe.text_positions = "3d"
+    try:
+        with pytest.raises(ValueError, match="text_positions must be 'plain'"):
+            pipe.encode_edit(["swap them"], checked)
+    finally:
+        pipe.text_positions = "plain"
 
 
 # ---------------------------------------------------------------------------------------------- loading
