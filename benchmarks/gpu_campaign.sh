@@ -6,6 +6,10 @@
 #   bash benchmarks/gpu_campaign.sh both          # the first two in one call, quantized variants left out
 #   bash benchmarks/gpu_campaign.sh memory        # the generation with eval every 10 / 5 blocks, or a memory limit
 #   bash benchmarks/gpu_campaign.sh training      # the embedded demo model trained from scratch on the GPU
+#   bash benchmarks/gpu_campaign.sh restructure   # before/after a change: the transformer forward (with mflux) and the
+#                                                 # whole generation (with diffusers), the older tree in .before/
+#   bash benchmarks/gpu_campaign.sh fast          # 8 and 4 Lightning steps, CFG off, a rank-64 LoRA fused, vs diffusers
+#   bash benchmarks/gpu_campaign.sh fast_variants # the same without the LoRA, and quantized (merged or adapters)
 # Reports go to $OUT (or assets/bench), logs next to them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,13 +54,49 @@ case "${1:-}" in
     timeout 120 "$py" benchmarks/bench_vae.py 2>&1 | tee "$out/vae.log" | tail -20
     timeout 90 "$py" benchmarks/bench_text_encoder.py --torch-python "$py" 2>&1 | tee "$out/text_encoder.log" | tail -12
     ;;
-  training)
+  training)  # each stage stops after 3.3 minutes (the transformer did, at step 3341 of 3500), so all fits one call
     start=$(date +%s)
-    timeout 560 "$py" training/train_demo.py --fresh --run /tmp/demo_run --out /tmp/demo_gpu \
-      --curves "$out/demo_gpu_curves.png" --samples "$out/demo_gpu_samples.png" 2>&1 | tr '\r' '\n' \
-      | grep -v "step/s\]$" | tee "$out/training.log" | tail -30
+    timeout 465 "$py" training/train_demo.py --fresh --run /tmp/demo_run --out /tmp/demo_gpu \
+      --curves "$out/demo_training_curves.png" --steps 3500 --max-minutes 3.3 2>&1 | tr '\r' '\n' \
+      | grep -v "step/s\]$" > "$out/training.log"
+    tail -12 "$out/training.log"
     echo "training wall time $(( $(date +%s) - start )) s"
-    du -sh /tmp/demo_gpu  # the checkpoint stays on the machine; the curves, samples and log come back
+    tar -cf "$out/demo.tar" -C /tmp demo_gpu  # the checkpoint folder (bfloat16, ~9 MB): untar it into assets/
+    cp /tmp/demo_run/held_out_grid.png "$out/"
     ;;
-  *) echo "usage: gpu_campaign.sh transformer|pipeline|training" >&2; exit 2 ;;
+  restructure)  # .before/qwen_nb_before (the old package, renamed) and .before/tree (the old tree, as it was)
+    timeout 200 "$py" benchmarks/bench_vs_mflux.py --layers 60 --side 1024 --txt 128 --repeats 7 --before .before \
+      --name transformer_before_after_h200 2>&1 | tee "$out/before_after.log" | tail -8
+    mkdir -p "$out/after" "$out/before"
+    QWEN_NB_BENCH_OUT="$out/after" timeout 240 "$py" benchmarks/bench_pipeline.py --peer-python "$py" --timeout 220 \
+      2>&1 | tail -4
+    bash "$0" before_pipeline
+    bash "$0" kernels
+    rm -rf "$out"/*/pipeline_images
+    ;;
+  before_pipeline)  # the whole generation as the older tree ran it
+    mkdir -p "$out/before"
+    (cd .before/tree && PYTHONPATH="$PWD:$PYTHONPATH" QWEN_NB_BENCH_OUT="$out/before" timeout 150 "$py" \
+      benchmarks/bench_pipeline.py --no-peer --timeout 140 2>&1 | tail -3)
+    rm -rf "$out"/before/pipeline_images
+    ;;
+  kernels)  # the GPU-only tests (the QK-norm + RoPE kernel); the image has pytest but not nbval
+    timeout 60 "$py" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_kernels.py 2>&1 | tail -4
+    ;;
+  fast)
+    for n in 8 4; do
+      timeout 270 "$py" benchmarks/bench_pipeline.py --fast $n --lora-rank 64 --peer-python "$py" --timeout 250 \
+        --name pipeline_fast${n}_lora64_h200 2>&1 | tail -3
+    done
+    rm -rf "$out"/*_images
+    ;;
+  fast_variants)
+    timeout 100 "$py" benchmarks/bench_pipeline.py --fast 8 --no-peer --timeout 90 --name pipeline_fast8_h200 2>&1 | tail -2
+    for q in "--quantize 8" "--quantize 8 --lora-adapters" "--quantize 4" "--quantize 4 --lora-adapters"; do
+      name=pipeline_fast8_lora64_q${q//[^0-9a-z]/}_h200
+      timeout 110 "$py" benchmarks/bench_pipeline.py --fast 8 --lora-rank 64 $q --timeout 100 --name $name 2>&1 | tail -2
+    done
+    rm -rf "$out"/*_images "$out"/*.png  # the JSON reports only: at most 8 files come back
+    ;;
+  *) echo "usage: gpu_campaign.sh transformer|pipeline|memory|vae|training|restructure|fast|fast_variants" >&2; exit 2 ;;
 esac

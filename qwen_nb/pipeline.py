@@ -323,6 +323,7 @@ class QwenImagePipeline:
         self.last_stats: GenerationStats | None = None
         self._cache: OrderedDict = OrderedDict()
         self._table: tuple | None = None  # (key, ModulationTable) of the last schedule
+        self._rebuildable = False  # from_components with a function that builds the transformer
         self._warned_size = False
 
     # ------------------------------------------------------------------ construction
@@ -391,6 +392,7 @@ class QwenImagePipeline:
                 adjust=pipe.loras.apply_to_weights if len(pipe.loras) and not adapters else None,
             )
             if adapters:
+                pipe.loras.forget()  # a new model: nothing of the last one to put back
                 pipe.loras.attach(model)
             if pipe.quantization and pipe.quantization.skipped and opts.verbose:
                 r = pipe.quantization
@@ -446,14 +448,22 @@ class QwenImagePipeline:
         options.setdefault("keep_text_encoder", True)
         opts = PipelineOptions(**options)
         build = as_builder(transformer)
+        rebuildable = build is transformer  # a function: the model can be built again, LoRAs merged as it is
         split = opts.schedule_modulation and "modulation" in inspect.signature(build).parameters
         pipe = None
 
         def denoiser():
             model = build(modulation=False) if split else build()
+            if rebuildable:
+                pipe.loras.forget()  # a new model: nothing of the last one to put back
+            merge = len(pipe.loras) and not opts.lora_adapters
+            if merge and rebuildable:  # merged before quantizing; unloading builds the model again
+                pipe.loras.fuse(model, keep=False)
             pipe.quantization = prepare_transformer(model, opts.quantize, opts.switches) or pipe.quantization
-            if len(pipe.loras):  # built again (sequenced): the LoRAs go in again
-                pipe.loras.attach(model) if opts.lora_adapters else pipe.loras.fuse(model)
+            if merge and not rebuildable:  # a module given: keep its arrays, so unloading can put them back
+                pipe.loras.fuse(model)
+            elif len(pipe.loras) and opts.lora_adapters:
+                pipe.loras.attach(model)
             return model
 
         def read_modulation(sigmas):
@@ -477,6 +487,7 @@ class QwenImagePipeline:
             read_modulation=read_modulation if split else None,
         )
         pipe.sizes = Sizes.read(store["transformer"].config, store["vae"].config, native_size)
+        pipe._rebuildable = rebuildable
         return pipe
 
     # ------------------------------------------------------------------ the models
@@ -541,8 +552,8 @@ class QwenImagePipeline:
 
     def _loras_changed(self) -> None:
         self._table = None  # a LoRA may change the modulation
-        if self.folder is not None:
-            self.components.release("transformer")  # read again with the LoRAs merged as it loads
+        if self.folder is not None or self._rebuildable:
+            self.components.release("transformer")  # built again with the LoRAs merged as it loads
         elif self.options.lora_adapters:
             self.loras.attach(self.transformer)
         else:

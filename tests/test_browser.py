@@ -235,7 +235,8 @@ def test_panel_generates_in_a_real_browser(tmp_path):
             "the panel's generation to finish",
         )
         size = driver.execute_script("const im = document.querySelector('img.qwen-nb-final'); return im.naturalWidth;")
-        assert size == 64  # the demo model's picture, shown at 256 px
+        native = json.loads((ROOT / "assets" / "demo" / "model_index.json").read_text())["_native_size"]
+        assert size == native[1]  # the demo model's picture at its native width, shown at 256 px
         driver.execute_script(
             "window.jupyterapp.shell.collapseLeft();"
             "document.querySelector('.qwen-nb-panel').scrollIntoView({block: 'center'});"
