@@ -20,6 +20,13 @@ def wanted() -> bool:
     )
 
 
+def preloaded() -> str | None:
+    """The OpenBLAS a child started with `environment()` will have (already preloaded here, or about to be)."""
+    if wanted():
+        return OPENBLAS
+    return next((lib for lib in os.environ.get("LD_PRELOAD", "").split(":") if "openblas" in lib), None)
+
+
 def missing_note() -> str | None:
     """A one-line note for Linux users without OpenBLAS (None elsewhere)."""
     if sys.platform.startswith("linux") and not os.environ.get("LD_PRELOAD") and not os.path.exists(OPENBLAS):

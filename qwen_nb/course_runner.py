@@ -2,6 +2,7 @@
 before a notebook is saved: numbered cells, no error outputs, no local paths."""
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -81,8 +82,8 @@ def run_notebooks(
     if not paths:
         raise NotebookError(f"no notebooks found in {show_path(NOTEBOOKS)}")
     env = blas.environment()
-    if blas.wanted():
-        print(f"kernels preload OpenBLAS ({blas.OPENBLAS})")
+    if blas.preloaded():
+        print(f"kernels preload OpenBLAS ({blas.preloaded()})")
     elif blas.missing_note():
         print(blas.missing_note())
     print(f"running {len(paths)} notebook(s); {mode()}")
@@ -137,6 +138,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="fail when a notebook is over the time limit (CI)")
     parser.add_argument("--cell-timeout", type=int, default=1800, help="seconds before a single cell is stopped")
     parser.add_argument("--no-save", action="store_true", help="run without writing the outputs back")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="also write the times to this JSON file, with the machine, the BLAS and the MLX version",
+    )
 
 
 def run_from_args(args) -> int:
@@ -144,7 +152,7 @@ def run_from_args(args) -> int:
 
     limit = args.limit if args.limit is not None else (None if course.REAL else LIMIT_S)
     try:
-        run_notebooks(
+        times = run_notebooks(
             args.notebooks,
             timeout=limit or None,
             cell_timeout=args.cell_timeout,
@@ -154,7 +162,32 @@ def run_from_args(args) -> int:
     except (NotebookError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.report is not None:
+        write_report(args.report, times, mode())
     return 0
+
+
+def write_report(path: Path, times: dict, mode_line: str) -> None:
+    """The course's times as JSON: what the README quotes, with what they were measured on."""
+    import json
+    import platform
+    from datetime import date
+
+    import mlx.core as mx
+
+    report = {
+        "what": "python -m qwen_nb course: wall seconds per notebook, each in a fresh kernel",
+        "date": date.today().isoformat(),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "blas": blas.preloaded() or "the MLX wheel's own (no OpenBLAS preloaded)",
+        "mode": mode_line,
+        "notebooks": {name: round(t, 2) for name, t in times.items()},
+        "total_s": round(sum(times.values()), 2),
+    }
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {show_path(path)}")
 
 
 def main(argv=None) -> int:

@@ -54,3 +54,15 @@ def test_check_notebook_finds_what_must_not_be_committed():
     assert "error output: ValueError: bad" in course_runner.check_notebook(_notebook([1], [[error]]))[0]
     local = nbformat.v4.new_output("stream", name="stdout", text=f"saved to {ROOT}/x.png\n")
     assert "local path" in course_runner.check_notebook(_notebook([1], [[local]]))[0]
+
+
+def test_course_report_names_what_the_times_were_measured_on(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("QWEN_NB_NO_OPENBLAS", "1")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    path = tmp_path / "times.json"
+    course_runner.write_report(path, {"01_rmsnorm.ipynb": 2.0, "02_rope.ipynb": 3.25}, "embedded")
+    report = json.loads(path.read_text())
+    assert report["total_s"] == 5.25 and report["notebooks"]["02_rope.ipynb"] == 3.25
+    assert "no OpenBLAS" in report["blas"] and report["mlx"] and "CPU cores" in report["machine"]
