@@ -6,6 +6,7 @@ On Linux the command restarts itself once with OpenBLAS preloaded when it is ins
 """
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -65,6 +66,106 @@ class Given(argparse.Action):
         namespace.given = getattr(namespace, "given", set()) | {self.dest}
 
 
+def parse_lora_spec(text: str) -> tuple[str, float]:
+    """'FILE_OR_REPO[:SCALE]' -> (source, scale); a path that exists is taken whole, colon or not."""
+    source, colon, tail = text.rpartition(":")
+    if not colon or Path(text).expanduser().exists():
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--lora takes FILE_OR_REPO[:SCALE] with SCALE a number (e.g. style.safetensors:0.8); in {text!r}, "
+            f"{tail!r} is not a number"
+        ) from None
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"--lora {text}: the scale must be a finite number (e.g. 0.8), got {tail}")
+    if not source:
+        raise argparse.ArgumentTypeError(f"--lora {text}: name the LoRA before the scale, e.g. style.safetensors:0.8")
+    return source, scale
+
+
+def add_lora_options(p, lightning_help: str) -> None:
+    """--fast 8|4, --lightning FILE and --lora FILE_OR_REPO[:SCALE] (repeatable): generate's and edit's."""
+    p.add_argument(
+        "--fast",
+        type=int,
+        choices=[8, 4],
+        default=None,
+        help="the step-distilled model: lightx2v's Lightning LoRA for 8 or 4 steps, its schedule, that many steps "
+        f"and CFG off (unless --steps/--cfg are given); {lightning_help}",
+    )
+    p.add_argument(
+        "--lightning",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --fast: the Lightning LoRA file to use instead of downloading it",
+    )
+    p.add_argument(
+        "--lora",
+        type=parse_lora_spec,
+        action="append",
+        default=[],
+        metavar="FILE_OR_REPO[:SCALE]",
+        help="a LoRA (a .safetensors file, a folder holding one, a hub repo id, or owner/name/FILE.safetensors) "
+        "with its scale (default 1); repeat it to stack LoRAs; with --fast, on top of the Lightning LoRA",
+    )
+
+
+def lora_source(spec: str) -> tuple[str, str | None]:
+    """(source, weight_name) of a --lora value: a local path, a hub repo id, or owner/name/FILE.safetensors."""
+    from .hub import looks_like_repo_id
+    from .lora import PICKLE_SUFFIXES
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path), None
+    parts = spec.split("/")
+    named_file = Path(spec).suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)
+    if named_file and len(parts) >= 3 and looks_like_repo_id("/".join(parts[:2])):
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    if looks_like_repo_id(spec) and not named_file:
+        return spec, None
+    raise UsageError(
+        f"--lora {spec}: no such file or folder. Give a LoRA's .safetensors file, a folder holding one, a hub repo "
+        "id (owner/name), or owner/name/FILE.safetensors for one file of a hub repo."
+    )
+
+
+def check_lora_options(args) -> None:
+    """The LoRA options checked before any model loads: files exist, no pickle, --lightning only with --fast."""
+    from .lora import PICKLE_SUFFIXES, _refuse_pickle
+
+    if args.lightning is not None:
+        if args.fast is None:
+            raise UsageError("--lightning FILE names the Lightning LoRA of --fast 8|4: add --fast with its steps")
+        if not args.lightning.expanduser().exists():
+            raise UsageError(f"--lightning {args.lightning}: no such file")
+    for spec, _ in args.lora:
+        source, weight_name = lora_source(spec)
+        if Path(weight_name or source).suffix.lower() in PICKLE_SUFFIXES:
+            _refuse_pickle(spec)
+
+
+def apply_lora_options(pipe, args) -> list[str]:
+    """--fast (use_lightning), then each --lora with its scale; returns lines saying what was loaded."""
+    done = []
+    if args.fast is not None:
+        lightning = None if args.lightning is None else args.lightning.expanduser()
+        pipe.use_lightning(args.fast, lora=lightning)
+        done.append(f"Lightning {args.fast} steps" + ("" if lightning is None else f" ({lightning.name})"))
+    for spec, scale in args.lora:
+        source, weight_name = lora_source(spec)
+        try:
+            pipe.load_lora(source, scale, weight_name=weight_name)
+        except ValueError as e:
+            hint = " (on the command line: --lora owner/name/FILE.safetensors)" if "weight_name=" in str(e) else ""
+            raise ValueError(f"--lora {spec}: {e}{hint}") from None
+        done.append(f"{spec}" if scale == 1 else f"{spec} x {scale:g}")
+    return done
+
+
 def add_generate(subparsers) -> None:
     from .pipeline import ASPECTS
 
@@ -86,7 +187,8 @@ def add_generate(subparsers) -> None:
         type=int,
         default=20,
         action=Given,
-        help="denoising steps (default 20; the model card uses 50; Qwen-Image 2.1: its author's schedule)",
+        help="denoising steps (default 20, N with --fast N; the model card uses 50; Qwen-Image 2.1: its author's "
+        "schedule)",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument(
@@ -100,7 +202,11 @@ def add_generate(subparsers) -> None:
         help="a model-card preset: " + ", ".join(f"{k}={w}x{h}" for k, (w, h) in ASPECTS.items()),
     )
     p.add_argument(
-        "--cfg", type=float, default=4.0, action=Given, help="true CFG scale (default 4.0, 2.1: 1; <= 1 turns CFG off)"
+        "--cfg",
+        type=float,
+        default=4.0,
+        action=Given,
+        help="true CFG scale (default 4.0; 1 with --fast and for 2.1; <= 1 turns CFG off)",
     )
     p.add_argument(
         "--image",
@@ -129,6 +235,7 @@ def add_generate(subparsers) -> None:
     p.add_argument(
         "--seed", type=parse_seed, default=None, help="noise seed, 0 to 2**64 - 1 (default: random, printed)"
     )
+    add_lora_options(p, "downloaded once from lightx2v/Qwen-Image-Lightning (--lightning FILE: a local copy)")
     p.add_argument("--quantize", type=int, default=None, help="quantize the transformer to 8 or 4 bits")
     p.add_argument(
         "--dtype",
@@ -189,9 +296,13 @@ def run_generate(args) -> int:
         check_new_file(preview_path, args.force, "--out (the preview goes to NAME.preview.png)")
     if args.image is None and (args.strength is not None or args.mask is not None):
         raise UsageError(f"{'--strength' if args.strength is not None else '--mask'} goes with --image PATH")
+    check_lora_options(args)
+    given = getattr(args, "given", set())
+    steps = args.steps if "steps" in given or args.fast is None else args.fast  # --fast N: N steps, CFG off
+    cfg = args.cfg if "cfg" in given or args.fast is None else 1.0
     strength = 0.6 if args.strength is None else args.strength
     if args.image is not None:
-        check_strength(strength, args.steps)
+        check_strength(strength, steps)
     picture, mask = load_pair(args.image, args.mask, ("--image", "--mask"))  # read and checked before the model
 
     model = args.model or default_model()  # offline, the hub's error names the embedded demo model
@@ -205,6 +316,7 @@ def run_generate(args) -> int:
         verbose=not args.quiet,
         memory_limit_gb=args.memory_limit_gb,
     )
+    loras = apply_lora_options(pipe, args)
     width, height = size if size is not None else pipe.native_size[::-1]
     try:
         image = pipe.generate(
@@ -212,8 +324,8 @@ def run_generate(args) -> int:
             negative_prompt=args.negative,
             height=height,
             width=width,
-            steps=args.steps,
-            cfg_scale=args.cfg,
+            steps=steps,
+            cfg_scale=cfg,
             seed=args.seed,
             image=picture,
             strength=strength,
@@ -233,16 +345,18 @@ def run_generate(args) -> int:
         info = PngInfo()
         start = "" if picture is None else f", Image: {args.image}, Strength: {strength}"
         start += "" if mask is None else f", Mask: {args.mask}"
+        start += f", LoRA: {'; '.join(loras)}" if loras else ""
         info.add_text(
             "parameters",
-            f"{args.prompt}\nNegative prompt: {args.negative}\nSteps: {args.steps}, CFG: {args.cfg}, "
+            f"{args.prompt}\nNegative prompt: {args.negative}\nSteps: {steps}, CFG: {cfg}, "
             f"Seed: {stats.seed}, Size: {width}x{height}{start}, Model: {model}",
         )
     if info is not None:
         image.save(out, pnginfo=info)
     else:
         image.save(out)
-    run = "" if picture is None else f", {stats.steps} of {args.steps} steps run at strength {strength}"
+    run = "" if picture is None else f", {stats.steps} of {steps} steps run at strength {strength}"
+    run += f", {'; '.join(loras)}" if loras else ""
     print(f"wrote {out} ({width}x{height}, seed {stats.seed}{run})")
     if args.preview_every is not None:
         print(f"previews went to {preview_path} (the last one: the guess after the last step)")
@@ -270,11 +384,14 @@ def run_generate21(args) -> int:
         ("--strength", args.strength),
         ("--mask", args.mask),
         ("--preview-every", args.preview_every),
+        ("--fast", args.fast),
+        ("--lightning", args.lightning),
     ):
         if value is not None:
             raise UsageError(f"{flag} is for Qwen-Image; {model} is Qwen-Image 2.1, which has no such option")
     if args.image is not None and not args.image.expanduser().is_file():
         raise UsageError(f"--image {args.image}: no such file")
+    check_lora_options(args)
     given = getattr(args, "given", set())
     steps = args.steps if "steps" in given else None
     cfg = args.cfg if "cfg" in given else 1.0
@@ -290,6 +407,7 @@ def run_generate21(args) -> int:
         verbose=not args.quiet,
         memory_limit_gb=args.memory_limit_gb,
     )
+    apply_lora_options(pipe, args)
     try:
         image = pipe.generate(
             args.prompt,
@@ -346,20 +464,16 @@ def add_edit(subparsers) -> None:
         help=f"hub id or folder (default: $QWEN_NB_EDIT_WEIGHTS, else {DEFAULT_EDIT_MODEL}; Qwen/Qwen-Image-Edit "
         "takes one picture, -2509 and -2511 up to 3)",
     )
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20, or N with --fast N)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 20, N with --fast N)")
     p.add_argument("--size", type=parse_size, help="WIDTHxHEIGHT, multiples of 16 (default: from the last picture)")
     p.add_argument("--cfg", type=float, default=None, help="true CFG scale (default 4.0, 1 with --fast; <= 1: off)")
     p.add_argument("--negative", default=" ", help="negative prompt (default ' ')")
     p.add_argument("--seed", type=parse_seed, default=None, help="noise seed (default: random, printed)")
-    p.add_argument(
-        "--fast",
-        type=int,
-        choices=[4, 8],
-        default=None,
-        help="the step-distilled Lightning LoRA for 4 or 8 steps (Edit and -2509: downloaded unless --lora names "
-        "the file; -2511: give --lora)",
+    add_lora_options(
+        p,
+        "Edit and -2509: downloaded from lightx2v/Qwen-Image-Lightning; -2511: give its file (from "
+        "lightx2v/Qwen-Image-Edit-2511-Lightning) with --lightning FILE",
     )
-    p.add_argument("--lora", type=Path, default=None, help="a LoRA file: with --fast the Lightning edit LoRA")
     p.add_argument("--quantize", type=int, default=None, help="quantize the transformer to 8 or 4 bits")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: float32 on a CPU")
     p.add_argument("--keep-text-encoder", action="store_true", help="keep the text encoder resident")
@@ -391,8 +505,7 @@ def run_edit(args) -> int:
     preview_path = out.with_name(out.stem + ".preview.png")
     if args.preview_every is not None:
         check_new_file(preview_path, args.force, "--out (the preview goes to NAME.preview.png)")
-    if args.lora is not None and not args.lora.expanduser().exists():
-        raise UsageError(f"--lora {args.lora}: no such file")
+    check_lora_options(args)
 
     model = args.model or os.environ.get("QWEN_NB_EDIT_WEIGHTS", "").strip() or DEFAULT_EDIT_MODEL
     pipe = QwenImageEditPipeline.from_pretrained(
@@ -404,11 +517,12 @@ def run_edit(args) -> int:
         verbose=not args.quiet,
         memory_limit_gb=args.memory_limit_gb,
     )
-    lora = None if args.lora is None else args.lora.expanduser()
-    if args.fast is not None:
-        pipe.use_lightning(args.fast, lora=lora)
-    elif lora is not None:
-        pipe.load_lora(lora)
+    if args.fast is not None and args.lightning is None and pipe.zero_cond_t:
+        raise UsageError(
+            f"{model} is Qwen-Image-Edit-2511, which has its own Lightning LoRAs: download one from "
+            "lightx2v/Qwen-Image-Edit-2511-Lightning and give it with --lightning FILE"
+        )
+    apply_lora_options(pipe, args)
     width, height = args.size if args.size is not None else (None, None)
     steps = pipe.defaults["steps"] if args.steps is None else args.steps
     cfg = pipe.defaults["cfg_scale"] if args.cfg is None else args.cfg
