@@ -314,8 +314,10 @@ def read_lora_file(path) -> LoRA:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         _refuse_pickle(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; its first byte may well be 0x80
+    safetensors = len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+    if not safetensors and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, a pickle
         _refuse_pickle(path, f" (torch.save's format, despite its {path.suffix or 'missing'} suffix)")
     read_header(path)  # a truncated or corrupt file is a CheckpointError naming it
     tensors, metadata = mx.load(str(path), return_metadata=True)

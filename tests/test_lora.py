@@ -508,6 +508,18 @@ def test_pickle_files_are_refused_with_the_reason_and_a_conversion(tmp_path):
         L.read_lora(folder)
 
 
+def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """The first byte of a safetensors file is the low byte of its header length: 0x80 for 1 file in 256, the
+    byte a pickle starts with too. Such a file is read, not refused."""
+    path = tmp_path / "lora.safetensors"
+    for pad in range(256):  # metadata of growing length until the header length's low byte is 0x80
+        mx.save_safetensors(str(path), lora_tensors(), metadata={"format": "pt", "pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert len(L.read_lora(path).modules) == len(L.parse_lora(lora_tensors()).modules)
+
+
 def test_folders_pick_the_one_file_or_ask_for_weight_name(tmp_path):
     one = tmp_path / "one"
     one.mkdir()
