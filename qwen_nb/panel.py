@@ -1,5 +1,6 @@
 """An ipywidgets panel for `QwenImagePipeline.generate`: prompt, negative prompt, steps, CFG, seed (with a dice),
-size preset, Generate and Stop; it shows the live preview, the final image, the time per step and the peak memory.
+size preset, the fast choice (off, or the Lightning LoRA's 8 or 4 steps with CFG off), Generate and Stop; it shows
+the live preview, the final image, the time per step and the peak memory.
 For an edit pipeline (`QwenImageEditPipeline`) it is in edit mode: a picture upload (one picture, or up to 3 for
 Edit-2509/2511) shown as thumbnails, and a size taken from the last picture unless a preset is chosen.
 
@@ -16,10 +17,11 @@ import time
 
 from PIL import Image
 
-from .pipeline import ASPECTS, GenerationInterrupted
+from .pipeline import ASPECTS, DEFAULT_CFG, DEFAULT_STEPS, GenerationInterrupted
 
 DISPLAY_PX = 256  # the side the images are shown at
 THUMB_PX = 96  # the side the edit mode's input pictures are shown at
+FAST = {"off": 0, "8 steps": 8, "4 steps": 4}  # the fast choice: the Lightning LoRA for that many steps (0: none)
 FROM_PICTURE = "from the last picture"  # the edit mode's default size
 
 
@@ -59,7 +61,9 @@ class Panel:
         seed: int = 42,
         sizes: dict | None = None,
         preview_every: int = 1,
+        lightning: dict | None = None,
     ):
+        """`lightning` {8: file, 4: file}: Lightning LoRA files to use for the fast choice instead of the hub's."""
         import ipywidgets as w
 
         self.pipe = pipe
@@ -89,6 +93,11 @@ class Panel:
         self.seed = w.IntText(value=seed, description="Seed", layout=w.Layout(width="220px"))
         self.dice = w.Button(icon="random", tooltip="dice: draw a random seed", layout=w.Layout(width="48px"))
         self.size = w.Dropdown(options=list(self.sizes), description="Size")
+        self.lightning = dict(lightning or {})
+        self._fast, self._lightning_lora = None, None  # the fast choice applied, and the LoRA it loaded
+        self.fast = w.ToggleButtons(options=list(FAST.items()), value=0, description="Fast")
+        self.fast.style.button_width = "72px"
+        self.fast.observe(lambda change: self._fast_chosen(change["new"]), names="value")
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         shown = {"width": f"{DISPLAY_PX}px", "height": f"{DISPLAY_PX}px"}
@@ -107,6 +116,7 @@ class Panel:
             (self.status, "status"),
             (self.upload, "upload"),
             (self.thumbnails, "pictures"),
+            (self.fast, "fast"),
         ]:
             widget.add_class(f"qwen-nb-{name}")  # stable hooks for the browser test
 
@@ -121,6 +131,7 @@ class Panel:
                 self.prompt,
                 self.negative,
                 w.HBox([self.steps, self.cfg]),
+                *([self.fast] if hasattr(pipe, "use_lightning") else []),  # Qwen-Image 2.1 has no Lightning LoRA
                 w.HBox([self.seed, self.dice, self.size]),
                 w.HBox([self.generate_button, self.stop_button]),
                 w.HBox(
@@ -144,6 +155,29 @@ class Panel:
         """The dice: a new random seed in the seed box."""
         self.seed.value = random_seed()
         return self.seed.value
+
+    def _fast_chosen(self, steps: int | None) -> None:
+        """The switch moved: steps and CFG show the choice's defaults (the LoRA loads when Generate runs)."""
+        self.steps.value = steps or DEFAULT_STEPS
+        self.cfg.value = 1.0 if steps else DEFAULT_CFG
+
+    def set_fast(self, steps: int | None) -> None:
+        """Apply the fast choice to the pipeline: the Lightning LoRA for `steps` (8 or 4) and its schedule, or the
+        base model (None or 0); LoRAs loaded otherwise stay. Generate applies the switch's value this way."""
+        steps = steps or None
+        if steps == self._fast:
+            return
+        pipe = self.pipe
+        if self._fast is not None:  # the Lightning LoRA out, the others read again
+            keep = [(lora.source, s) for lora, s in pipe.loras.entries if lora is not self._lightning_lora]
+            pipe.unload_lora()
+            for source, scale in keep:
+                pipe.load_lora(source, scale)
+            pipe.use_base_schedule()
+            self._fast, self._lightning_lora = None, None
+        if steps is not None:
+            pipe.use_lightning(steps, lora=self.lightning.get(steps))
+            self._fast, self._lightning_lora = steps, pipe.loras.entries[-1][0]
 
     def set_pictures(self, pictures) -> None:
         """The edit mode's input pictures (PIL images or paths; what the upload sets), shown as thumbnails."""
@@ -234,6 +268,9 @@ class Panel:
             self.preview.value = png_bytes(image)
 
         try:
+            if (self.fast.value or None) != self._fast:
+                self.status.value = f"Generation {self.runs}: loading the fast choice ({self.fast.label})"
+                self.set_fast(self.fast.value)
             image = self.pipe.generate(
                 **params, callback=on_step, preview=on_preview, preview_every=self.preview_every, progress=False
             )

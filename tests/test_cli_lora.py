@@ -1,6 +1,7 @@
 """`python -m qwen_nb generate --fast 8|4 --lora FILE_OR_REPO[:SCALE]` in process on the tiny pipeline: the
 Lightning preset and stacked LoRAs against the diffusers + peft goldens of tests/fixtures/lora (the noise they were
-made with put in place of the seed's), the hub download replaced by the fixture file, and every bad input."""
+made with put in place of the seed's), the hub download replaced by the fixture file, and every bad input; the
+notebook panel's fast choice the same way."""
 
 import json
 from pathlib import Path
@@ -219,3 +220,46 @@ def test_qwen21_refuses_fast_by_name(tmp_path, capsys):
     model = FIXTURES / "tiny_qwen21" / "pipeline"
     code = main(["generate", "--prompt", "p", "--out", str(tmp_path / "x.png"), "--model", str(model), "--fast", "8"])
     assert code == 2 and "--fast is for Qwen-Image" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the panel
+def test_panel_fast_choice_matches_diffusers_and_keeps_other_loras(golden_noise):
+    """The panel's fast switch: 4 steps is use_lightning(4) (the Lightning golden); off again is the base model
+    with the LoRA loaded through the API still on (the modulation LoRA's golden); steps and CFG follow."""
+    pytest.importorskip("ipywidgets")
+    from qwen_nb.panel import Panel
+
+    pipe = QwenImagePipeline.from_pretrained(MODEL, dtype=mx.float32, verbose=False)
+    lightning = {4: LORAS / "lightning_attn_mlp.safetensors"}
+    p = Panel(pipe, prompt=META["prompt"], sizes={"64x64": (64, 64)}, lightning=lightning)
+    p.fast.value = 4
+    assert (p.steps.value, p.cfg.value) == (4, 1.0)
+    assert len(pipe.loras) == 0  # loaded when Generate runs
+    image = p.generate_now()
+    assert image is not None, p.status.value
+    diff = int(np.abs(np.asarray(image).astype(int) - np.array(LIGHTNING["image"]).astype(int)).max())
+    assert diff <= 2 and not pipe.last_stats.cfg and pipe.last_stats.steps == 4
+
+    p.fast.value = 0
+    assert (p.steps.value, p.cfg.value) == (20, 4.0)
+    pipe.load_lora(LORAS / "kohya_modulation.safetensors")  # a style LoRA loaded meanwhile survives the switch
+    p.fast.value = 8
+    p.lightning[8] = LORAS / "lightning_attn_mlp.safetensors"
+    assert p.generate_now() is not None and len(pipe.loras) == 2
+    p.fast.value = 0
+    p.steps.value, p.negative.value = META["steps"], META["negative_prompt"]
+    image = p.generate_now()
+    assert [lo.source for lo, _ in pipe.loras.entries] == [str(LORAS / "kohya_modulation.safetensors")]
+    diff = int(np.abs(np.asarray(image).astype(int) - np.array(GOLDENS["modulation.image"]).astype(int)).max())
+    assert diff <= 2 and pipe.last_stats.cfg and pipe.defaults == {"steps": 20, "cfg_scale": 4.0}
+
+
+def test_panel_fast_choice_failure_is_said_in_the_status(tmp_path):
+    pytest.importorskip("ipywidgets")
+    from qwen_nb.panel import Panel
+
+    pipe = QwenImagePipeline.from_pretrained(MODEL, dtype=mx.float32, verbose=False)
+    p = Panel(pipe, sizes={"64x64": (64, 64)}, lightning={8: tmp_path / "gone.safetensors"})
+    p.fast.value = 8
+    assert p.generate_now() is None
+    assert "failed" in p.status.value and "gone.safetensors does not exist" in p.status.value
