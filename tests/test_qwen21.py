@@ -536,6 +536,60 @@ def test_memory_plan_for_the_real_size(tmp_path):
     assert not memory.plan_memory(tmp_path, mx.bfloat16, budget=int(12 * gb), schedule_modulation=False).fits
 
 
+def real_21_folder(folder: Path) -> Path:
+    """Qwen-Image 2.1 at full size as sparse files: every component's real shapes (qwen_nb's modules built from the
+    configs' defaults, the text encoder with its vision tower and lm_head) under the real configs."""
+    from dataclasses import asdict
+
+    shapes = lambda m: {k: v.shape for k, v in tree_flatten(m.parameters())}  # noqa: E731
+    te = shapes(Qwen3VLTextEncoder(Qwen3VLConfig(Qwen3VLTextConfig(), Qwen3VLVisionConfig())))
+    te["lm_head.weight"] = (151936, 4096)
+    sparse_component(folder / "transformer", shapes(QwenImage21Transformer(Transformer21Config())),
+                     asdict(Transformer21Config()))  # fmt: skip
+    sparse_component(folder / "text_encoder", te, {"text_config": asdict(Qwen3VLTextConfig()),
+                                                   "vision_config": asdict(Qwen3VLVisionConfig())})  # fmt: skip
+    sparse_component(folder / "vae", shapes(AutoencoderKLQwenImage21(VAE21Config())), asdict(VAE21Config()))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "ram_gb, picks",
+    [
+        (128, {None: "resident"}),  # both models held: 32.4 GB
+        (32, {None: "sequenced"}),  # bfloat16, the text encoder freed before the transformer is read
+        (24, {None: None, 8: "sequenced", 4: "sequenced"}),  # bfloat16 does not fit; 8 bits does
+        (16, {None: None, 8: None, 4: None}),  # the bfloat16 text encoder alone is too large
+    ],
+)
+def test_memory_plan_per_mac(tmp_path, monkeypatch, ram_gb, picks):
+    """What the plan picks for full-size 2.1 in bfloat16 on Macs (Metal's working set 75% of RAM, estimates as on a
+    GPU), with the components' bytes against closed-form counts from the real configs: the transformer
+    (32 single-stream blocks of 4096 and the shared modulation) and Qwen3-VL-8B's language model (vision tower and
+    lm_head are not read for text-to-image); the decode estimate at the 2.1 decoder's width (144, not base_dim)."""
+    monkeypatch.setattr(memory.mx, "default_device", lambda: mx.gpu)  # a Mac: fused attention, no score matrices
+    folder = real_21_folder(tmp_path)
+    D, Dh, C, T = 32 * 128, 128, 64, 4096  # width, head, latent channels, text width
+    block = 4 * D * D + 2 * Dh + 3 * D * 3 * D  # q/k/v/out, the q/k RMSNorms, SwiGLU at mlp_ratio 3
+    transformer = 32 * block + C * D + (T + T * D + D * D) + (256 * D + D * D) + 4 * D * D + D * D + D * C
+    H, KV, I, V = 32, 8, 12288, 151936
+    layer = D * H * Dh + 2 * D * KV * Dh + H * Dh * D + 2 * Dh + 3 * D * I + 2 * D
+    language_model = V * D + 36 * layer + D
+    budget = int(0.75 * ram_gb * 1e9)
+    for bits, pick in picks.items():
+        plan = memory.plan_memory(folder, mx.bfloat16, bits, budget=budget, schedule_modulation=False)
+        print(f"{ram_gb} GB Mac, quantize={bits}: {pick or 'refused'}\n{plan}")
+        assert plan.components["text_encoder"] == 2 * language_model
+        if bits is None:
+            assert plan.components["transformer"] == 2 * transformer
+        assert plan.activations["decode"] == 8 * 1024 * 1024 * 144 * 2
+        assert plan.fits == (pick is not None)
+        if pick is not None:
+            assert plan.keep_text_encoder == (pick == "resident")
+    with_pictures = memory.plan_memory(folder, mx.bfloat16, min(picks, key=lambda b: b or 99), budget=budget,
+                                       schedule_modulation=False, vision=True)  # fmt: skip
+    assert with_pictures.fits == (ram_gb >= 32)  # the vision tower read too, a condition picture beside the target
+
+
 def test_qwen_image_pipeline_names_the_21_pipeline():
     """qwen_nb.hub takes a 2.1 folder (processor/ in place of tokenizer/); QwenImagePipeline refuses its transformer
     and says which pipeline loads it."""
