@@ -468,7 +468,11 @@ def _set_module(root, path: str, module) -> None:
 
 
 def _is_linear(m) -> bool:
-    return isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear))
+    from mlx.nn.layers import distributed  # a rank's part of a linear (qwen_nb.distributed, parallel="tensor")
+
+    sharded = (distributed.AllToShardedLinear, distributed.ShardedToAllLinear)
+    sharded += (distributed.QuantizedAllToShardedLinear, distributed.QuantizedShardedToAllLinear)
+    return isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear, *sharded))
 
 
 def _locate(model, path: str):

@@ -32,7 +32,7 @@ from .hub import resolve
 from .loading import read_config
 from .lora import LoRA, LoraStack, read_lora
 from .memory import MemoryLimit, MemoryPlan, activation_bytes, check_memory_limit, plan_memory
-from .quantize import check_bits
+from .quantize import check_bits, is_timestep_weight
 from .sampling import Schedule, check_strength, denoise, eval_every_blocks
 from .scheduler import SchedulerConfig, pack_latents, unpack_latents
 from .switches import Switches
@@ -325,6 +325,8 @@ class QwenImagePipeline:
         self._table: tuple | None = None  # (key, ModulationTable) of the last schedule
         self._rebuildable = False  # from_components with a function that builds the transformer
         self._warned_size = False
+        self.parallel = None  # a qwen_nb.distributed.Parallel when the pipeline runs over several ranks
+        self.last_latents = None  # the packed latents (K, N, C) of the last generation's pictures
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -339,6 +341,7 @@ class QwenImagePipeline:
         cache_dir=None,
         plan_size: tuple[int, int] | None = None,
         fast: int | None = None,
+        parallel: str | None = None,
         **options,
     ) -> "QwenImagePipeline":
         """A pipeline from a hub id (downloaded into the HF cache, only the needed files) or a diffusers folder.
@@ -348,8 +351,16 @@ class QwenImagePipeline:
         distilled schedule's shifts). `plan_size` (height, width): the size the memory plan is made for (default
         the checkpoint's native size; generate() checks again at other sizes). The other keywords are
         `PipelineOptions`. `fast=8` or `4`: `use_lightning(fast)` (the step-distilled LoRA, its schedule, CFG off).
-        Nothing heavy is read here: weights load lazily on first use."""
+        `parallel`: None, "cfg" or "tensor" to run over the ranks of `mx.distributed.init()` (started by
+        `mlx.launch`; see qwen_nb.distributed). Nothing heavy is read here: weights load lazily on first use."""
         opts = PipelineOptions(dtype=dtype, quantize=quantize, **options)
+        if parallel is not None:
+            from .distributed import Parallel
+
+            parallel = Parallel(parallel)
+            opts.verbose = opts.verbose and parallel.is_main
+            if parallel.mode == "tensor" and opts.lora_adapters:
+                raise ValueError("parallel='tensor' merges LoRAs into each rank's part: use lora_adapters=False")
         vision = cls.reads_pictures
         folder = resolve(repo_id_or_folder, revision, cache_dir, opts.verbose, vision)
         config = TransformerConfig.from_folder(folder / "transformer")
@@ -366,6 +377,12 @@ class QwenImagePipeline:
         plan = plan_memory(
             folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, schedule_modulation=split, vision=vision
         )
+        if parallel is not None:
+            parallel.agree("models or options", (read_config(folder / "transformer"), native_size(folder), repr(opts)))
+            if parallel.mode == "tensor" and not opts.quantize:  # each rank holds its part of the transformer
+                held = (lambda name: not is_timestep_weight(name)) if split else None
+                per_rank = parallel.transformer_bytes(folder / "transformer", opts.dtype, held)
+                plan = replace(plan, components={**plan.components, "transformer": per_rank})
         if opts.check_memory and not plan.fits:
             alternatives = {
                 b: plan_memory(
@@ -382,6 +399,12 @@ class QwenImagePipeline:
         pipe = None  # the transformer's loader records its quantization report on the pipeline
 
         def transformer():
+            if parallel is not None and parallel.mode == "tensor":
+                loras = pipe.loras if len(pipe.loras) else None
+                model, pipe.quantization, pipe.shard_reader = parallel.load_transformer(
+                    folder / "transformer", opts.dtype, opts.quantize, opts.switches, not split, loras
+                )
+                return model
             adapters = opts.lora_adapters and len(pipe.loras) > 0
             model, pipe.quantization = load_transformer(
                 folder / "transformer",
@@ -423,6 +446,7 @@ class QwenImagePipeline:
             plan=plan,
             read_modulation=read_modulation if opts.schedule_modulation else None,
         )
+        pipe.parallel = parallel
         if fast is not None:
             pipe.use_lightning(fast, revision=revision, cache_dir=cache_dir)
         return pipe
@@ -673,7 +697,15 @@ class QwenImagePipeline:
         return z.astype(self.dtype)
 
     def denoise(
-        self, latents: mx.array, cond, uncond, cfg_scale: float, schedule: Schedule, grid: tuple[int, int], blend=None
+        self,
+        latents: mx.array,
+        cond,
+        uncond,
+        cfg_scale: float,
+        schedule: Schedule,
+        grid: tuple[int, int],
+        blend=None,
+        cfg_pair=None,
     ):
         """`qwen_nb.sampling.denoise` with this pipeline's transformer, modulation table and options: a generator
         of the packed latents (1, N, C) after each step run, unevaluated (`blend`: inpainting's, or None)."""
@@ -690,6 +722,7 @@ class QwenImagePipeline:
             batched_cfg=self.options.batched_cfg,
             block_hook=hook,
             blend=blend,
+            cfg_pair=cfg_pair,
         )
 
     def picture_start(self, picture: image_input.PictureRequest, noise: mx.array, schedule: Schedule, height, width):
@@ -753,6 +786,7 @@ class QwenImagePipeline:
         progress: bool = True,
         preview=None,
         preview_every: int = 1,
+        num_images: int | None = None,
     ):
         """One image, as diffusers' QwenImagePipeline(prompt, negative_prompt, true_cfg_scale=cfg_scale, ...).
 
@@ -775,26 +809,47 @@ class QwenImagePipeline:
         after every `preview_every`-th step (after steps preview_every - 1, 2 preview_every - 1, ...) and after the
         last, with a PIL image of the model's current guess of the final picture (qwen_nb.preview: a linear
         latent-to-RGB map fitted once per VAE; no decode). Ctrl-C, or KeyboardInterrupt raised in `callback` or
-        `preview`, stops at the end of the current step with GenerationInterrupted."""
+        `preview`, stops at the end of the current step with GenerationInterrupted.
+
+        `num_images=K`: K pictures of the prompt from seeds seed, seed + 1, ..., seed + K - 1 (each the picture that
+        seed alone gives), denoised as one batch, returned as a list (K = 1 too). Under `parallel` (see
+        qwen_nb.distributed) rank 0 returns the pictures and the other ranks None."""
         height, width = self._size(height, width)
         steps = self.defaults["steps"] if steps is None else steps
         cfg_scale = self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         self._check_request(prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every)
+        count = self._check_count(num_images, seed, latents, image)
         picture = image_input.prepare(image, mask_image, height, width)  # None: text-to-image
         if picture is not None:
             check_strength(strength, steps)
         if latents is None and seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
-        noise = self.initial_noise(height, width, seed, latents)
+        par = self.parallel
+        if par is not None:
+            seed = seed if latents is None else 0
+            seed = par.share_seed(seed)
+            request = (prompt, negative_prompt, height, width, steps, cfg_scale, seed, count, strength)
+            given = [None if v is None else np.asarray(v).tobytes().hex()[:64] for v in (latents, image, mask_image)]
+            loras = [(sorted(lora.modules), s) for lora, s in self.loras.entries]
+            par.agree("requests (prompt, size, steps, cfg, seed, pictures, LoRAs)", (request, given, loras))
+        share = list(range(count)) if par is None else par.images(count)  # the pictures this rank makes
+        noise = mx.concatenate(
+            [self.initial_noise(height, width, None if seed is None else seed + i, latents) for i in share]
+        )
         self._check_memory_at(height, width)
         do_cfg = cfg_scale > 1 and negative_prompt is not None
+        pair = par if par is not None and par.mode == "cfg" and do_cfg else None
+        progress = progress and (par is None or par.is_main)
         grid = self.sizes.grid(height, width)
         schedule = self.schedule(steps, grid, 1.0 if picture is None else strength)
         run = schedule.steps_run  # img2img skips the first steps
         stats = self.last_stats = GenerationStats(seed if latents is None else None, height, width, run, do_cfg)
 
         with MemoryLimit(self.options.memory_limit_gb) as limit, stats.running():
-            cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats, progress)
+            if pair is not None:  # each rank encodes its own half of the pair
+                cond, uncond = self.encode_prompts(prompt if pair.cond else negative_prompt, None, stats, progress)
+            else:
+                cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, stats, progress)
             x, blend = pack_latents(noise, self.sizes.patch), None
             if picture is not None:
                 with stats.stage("picture", "image_s"):
@@ -803,14 +858,36 @@ class QwenImagePipeline:
                 self.modulation_table(schedule)  # first: its weights are read and dropped before the rest is read
                 self.materialize_transformer(progress)
             limit.weights_loaded()
-            loop = self.denoise(x, cond, uncond, cfg_scale, schedule, grid, blend)
+            loop = self.denoise(x, cond, uncond, cfg_scale, schedule, grid, blend, pair)
             with stats.stage("denoise"):
                 x = self._run(loop, x, schedule, stats, callback, preview, preview_every, progress)
+            if par is not None:
+                x = par.collect(x, count)
+            self.last_latents = x
+            if par is not None and not par.is_main:
+                return None  # rank 0 decodes and returns the pictures
             with stats.stage("decode", "decode_s"):
-                image = self.decode(x, height, width)
-        return image
+                images = [self.decode(x[i : i + 1], height, width) for i in range(count)]
+        return images[0] if num_images is None else images
 
     __call__ = generate
+
+    def _check_count(self, num_images, seed, latents, image) -> int:
+        """The number of pictures asked for (1 when num_images is None), checked against the other inputs."""
+        if num_images is None:
+            return 1
+        if not _is_int(num_images) or num_images < 1:
+            raise ValueError(
+                f"num_images must be an integer >= 1 (pictures from seeds seed, seed+1, ...), got {num_images!r}"
+            )
+        if num_images > 1 and (latents is not None or image is not None):
+            raise ValueError(
+                "num_images > 1 draws each picture's noise from its own seed, for text-to-image: it does not go with "
+                "latents= or image= (call generate once per picture)"
+            )
+        if seed is not None and seed + num_images - 1 > MAX_SEED:
+            raise ValueError(f"seeds {seed}..{seed + num_images - 1} go past 2**64 - 1: choose a smaller seed")
+        return int(num_images)
 
     def _check_request(self, prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every) -> None:
         if not isinstance(prompt, str):
@@ -852,7 +929,7 @@ class QwenImagePipeline:
                         callback(k, x)
                     if preview is not None and ((k + 1) % preview_every == 0 or k == run - 1):
                         s = schedule.sigmas
-                        guess = previews.x0_guess(before, x, float(s[i]), float(s[i + 1]))
+                        guess = previews.x0_guess(before[:1], x[:1], float(s[i]), float(s[i + 1]))  # the first
                         preview(k, previews.preview(projection, guess, height, width))
                     t = time.perf_counter()  # the callbacks' own time is not the step's
         except KeyboardInterrupt:
