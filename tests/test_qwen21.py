@@ -556,6 +556,7 @@ def real_21_folder(folder: Path) -> Path:
     "ram_gb, picks",
     [
         (128, {None: "resident"}),  # both models held: 32.4 GB
+        (64, {None: "resident"}),
         (32, {None: "sequenced"}),  # bfloat16, the text encoder freed before the transformer is read
         (24, {None: None, 8: "sequenced", 4: "sequenced"}),  # bfloat16 does not fit; 8 bits does
         (16, {None: None, 8: None, 4: None}),  # the bfloat16 text encoder alone is too large
