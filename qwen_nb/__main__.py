@@ -238,6 +238,13 @@ def add_generate(subparsers) -> None:
     add_lora_options(p, "downloaded once from lightx2v/Qwen-Image-Lightning (--lightning FILE: a local copy)")
     p.add_argument("--quantize", type=int, default=None, help="quantize the transformer to 8 or 4 bits")
     p.add_argument(
+        "--parallel",
+        choices=["cfg", "tensor"],
+        default=None,
+        help="under mlx.launch: cfg (the prompt's and the negative prompt's passes on two ranks) or tensor (the "
+        "transformer split over the ranks); rank 0 writes --out",
+    )
+    p.add_argument(
         "--dtype",
         choices=["bfloat16", "float32"],
         default=None,
@@ -273,8 +280,13 @@ def run_generate(args) -> int:
 
     from .pipeline21 import is_qwen21
 
+    parallel = getattr(args, "parallel", None)
     if is_qwen21(args.model or default_model()):  # Qwen-Image 2.1: its own pipeline (run_generate21)
+        if parallel is not None:
+            raise UsageError("--parallel runs Qwen-Image (QwenImagePipeline); Qwen-Image 2.1 runs in one process")
         return run_generate21(args)
+    main_rank = parallel is None or mx.distributed.init().rank() == 0  # the other ranks stay quiet, write nothing
+    args.quiet = args.quiet or not main_rank
 
     from .image_input import load_pair
     from .pipeline import ASPECTS, GenerationInterrupted, QwenImagePipeline, check_size
@@ -283,8 +295,8 @@ def run_generate(args) -> int:
     out = args.out.expanduser()
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise UsageError(f"--out {out} should end in one of {', '.join(IMAGE_SUFFIXES)}")
-    check_new_file(out, args.force, "--out")
-    if not out.parent.exists():
+    check_new_file(out, args.force or not main_rank, "--out")
+    if main_rank and not out.parent.exists():
         raise UsageError(f"the folder {out.parent} does not exist: create it first")
     size = args.size or ASPECTS.get(args.aspect)
     if size is not None:
@@ -293,7 +305,7 @@ def run_generate(args) -> int:
         raise UsageError(f"--preview-every takes a number of steps >= 1, got {args.preview_every}")
     preview_path = out.with_name(out.stem + ".preview.png")
     if args.preview_every is not None:
-        check_new_file(preview_path, args.force, "--out (the preview goes to NAME.preview.png)")
+        check_new_file(preview_path, args.force or not main_rank, "--out (the preview goes to NAME.preview.png)")
     if args.image is None and (args.strength is not None or args.mask is not None):
         raise UsageError(f"{'--strength' if args.strength is not None else '--mask'} goes with --image PATH")
     check_lora_options(args)
@@ -315,6 +327,7 @@ def run_generate(args) -> int:
         plan_size=None if size is None else (size[1], size[0]),
         verbose=not args.quiet,
         memory_limit_gb=args.memory_limit_gb,
+        parallel=parallel,
     )
     loras = apply_lora_options(pipe, args)
     width, height = size if size is not None else pipe.native_size[::-1]
@@ -337,6 +350,8 @@ def run_generate(args) -> int:
     except GenerationInterrupted as e:
         print(f"\n{e.args[0].split(';')[0]}; nothing was written.", file=sys.stderr)
         return 130
+    if not main_rank:
+        return 0
     stats = pipe.last_stats
     info = None
     if out.suffix.lower() == ".png":

@@ -378,7 +378,8 @@ class QwenImagePipeline:
             folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, schedule_modulation=split, vision=vision
         )
         if parallel is not None:
-            parallel.agree("models or options", (read_config(folder / "transformer"), native_size(folder), repr(opts)))
+            shared = repr(replace(opts, verbose=True))  # rank 0 alone is verbose
+            parallel.agree("models or options", (read_config(folder / "transformer"), native_size(folder), shared))
             if parallel.mode == "tensor" and not opts.quantize:  # each rank holds its part of the transformer
                 held = (lambda name: not is_timestep_weight(name)) if split else None
                 per_rank = parallel.transformer_bytes(folder / "transformer", opts.dtype, held)

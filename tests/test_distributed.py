@@ -32,8 +32,9 @@ def launcher() -> str:
     return found
 
 
-def launch(*args, timeout=600) -> subprocess.CompletedProcess:
-    command = [launcher(), "--backend", "ring", "-n", "2", "--", sys.executable, str(SCRIPT), *args]
+def launch(*args, timeout=600, module: str | None = None) -> subprocess.CompletedProcess:
+    program = ["-m", module] if module else [str(SCRIPT)]
+    command = [launcher(), "--backend", "ring", "-n", "2", "--", sys.executable, *program, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=SCRIPT.parents[1])
 
 
@@ -130,3 +131,17 @@ def test_bad_requests_name_the_fix():
         pipe.generate(ranks.PROMPT, num_images=0)
     with pytest.raises(ValueError, match="does not go with latents= or image="):
         pipe.generate(ranks.PROMPT, num_images=2, latents=mx.zeros((1, 16, 12, 12)))
+
+
+def test_cli_runs_under_mlx_launch_and_rank_0_writes(tmp_path):
+    out = tmp_path / "pair.png"
+    args = ["generate", "--model", str(ranks.DEMO), "--prompt", ranks.PROMPT, "--out", str(out)]
+    args += ["--steps", "2", "--seed", "3", "--dtype", "float32", "--parallel", "cfg"]
+    run = launch(*args, timeout=300, module="qwen_nb")
+    assert out.exists(), run.stdout[-2000:] + run.stderr[-2000:]
+    assert (run.stdout + run.stderr).count("wrote ") == 1  # rank 0 alone reports
+    pipe = ranks.pipeline("cfg_demo", parallel=False)
+    alone = np.array(pipe.generate(ranks.PROMPT, seed=3, steps=2, progress=False)).astype(int)
+    from PIL import Image
+
+    assert np.abs(np.array(Image.open(out).convert("RGB")).astype(int) - alone).max() <= 1
