@@ -316,6 +316,26 @@ def test_pictures_too_small_or_too_thin(pipes):
     assert tiny.size == (128, 128)  # one pixel is scaled up, as diffusers does
 
 
+def test_pictures_in_other_modes_edit_as_their_rgb(pipes):
+    """A picture with transparency is edited as Pillow's composite of it on white (transformers' convert_to_rgb;
+    diffusers' VAE path takes RGB only, so the RGB picture is what the goldens cover), a grey one as Pillow's RGB
+    conversion of it, a uint8 array as the PIL picture of it."""
+    pipe = pipes["plus", False]
+    wide = Image.open(PICTURES / "wide.png").convert("RGB")
+    rgba = wide.copy()
+    rgba.putalpha(Image.linear_gradient("L").resize(wide.size))
+    on_white = Image.alpha_composite(Image.new("RGBA", wide.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    grey = wide.convert("L")
+
+    def edit(picture):
+        return np.asarray(pipe.generate("x", picture, None, steps=1, seed=0, progress=False))
+
+    assert np.array_equal(edit(rgba), edit(on_white))
+    assert not np.array_equal(edit(on_white), edit(wide))  # the transparency changed the picture edited
+    assert np.array_equal(edit(grey), edit(grey.convert("RGB")))
+    assert np.array_equal(edit(np.asarray(wide)), edit(wide))
+
+
 def test_pictures_that_are_not_pictures(pipes, tmp_path):
     pipe = pipes["plus", False]
     text = tmp_path / "notes.png"
