@@ -101,9 +101,8 @@ def test_tensor_ranks_hold_quantized_shares(results):
 
 def test_ranks_started_differently_refuse_with_the_cause():
     run = launch("--mismatch", timeout=300)
-    # mlx.launch itself exits 0 here; it reports each rank's exit code
-    assert "rank 0 exited with code 1" in run.stdout + run.stderr
-    assert "rank 1 exited with code 1" in run.stdout + run.stderr
+    # mlx.launch itself exits 0 here; it reports the exit codes (the first rank to fail ends the other)
+    assert "exited with code 1" in run.stdout + run.stderr
     assert "the ranks were started with different models or options" in run.stdout + run.stderr
 
 
