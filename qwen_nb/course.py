@@ -134,11 +134,35 @@ def tolerance(reference, float32: float = 1e-5, bfloat16: float = 2e-2) -> float
     return bfloat16 * float(np.abs(ref).max())
 
 
-def time_variants(variants: dict, repeats: int = 5, warmup: int = 1, repeat: int | None = None) -> dict[str, float]:
+def time_variants(variants: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each `fn()` (its mx outputs evaluated), the variants alternated after a warm-up
     (`qwen_nb.timing.time_variants`, which the benchmarks use too, keeping only the medians)."""
-    repeats = repeat if repeat is not None else repeats  # TODO(restructure): drop `repeat` once notebooks say repeats
     return {name: r["median_s"] for name, r in _time_variants(variants, repeats, warmup).items()}
+
+
+def ratios(runs: dict, a: str, b: str) -> tuple[float, float, float]:
+    """How many times faster `a` ran than `b`: (by the medians, the smallest and the largest over the repeats).
+    `runs` maps names to {"median_s", "times_s"} (`qwen_nb.timing.time_variants`, or an assets/bench report), the
+    variants alternated, so repeat k of `a` and of `b` ran side by side."""
+    pairs = [t_b / t_a for t_a, t_b in zip(runs[a]["times_s"], runs[b]["times_s"])]
+    return runs[b]["median_s"] / runs[a]["median_s"], min(pairs), max(pairs)
+
+
+def differs(runs: dict, a: str, b: str) -> bool:
+    """True when every alternated repeat says the same: `a` faster than `b` in all of them, or slower in all."""
+    _, low, high = ratios(runs, a, b)
+    return low > 1 or high < 1
+
+
+def compare(runs: dict, a: str, b: str, name_a: str | None = None, name_b: str | None = None) -> str:
+    """One sentence reading two timed variants: `a` is r x faster (slower) than `b` where every alternated repeat
+    agrees, else the two are equal within noise. `name_a`/`name_b` are how the sentence calls them."""
+    r = ratios(runs, a, b)[0]
+    verdict = differs(runs, a, b)
+    a, b = name_a or a, name_b or b
+    if verdict:
+        return f"{a} is {max(r, 1 / r):.2f}x {'faster' if r > 1 else 'slower'} than {b} (in every repeat)"
+    return f"{a} and {b} are equal within noise (x{r:.2f} by the medians; the repeats disagree)"
 
 
 def print_times(times: dict[str, float], baseline: str | None = None) -> None:
@@ -209,3 +233,65 @@ def bar_times(times: dict[str, float], title: str = "", ax=None, baseline: str |
     ax.set_title(title)
     ax.figure.tight_layout()
     return ax
+
+
+def spread_bars(ax, runs: dict, title: str = "", scale: float = 1e3, unit: str = "ms", colour: str = "tab:blue"):
+    """Horizontal bars of each variant's median time, with a whisker over its repeats (min to max): two variants
+    differ beyond noise only where their whiskers do not overlap. `runs`: {name: {"median_s", "times_s"}}."""
+    names = list(runs)[::-1]
+    med = np.array([scale * runs[n]["median_s"] for n in names])
+    low = np.array([scale * min(runs[n]["times_s"]) for n in names])
+    high = np.array([scale * max(runs[n]["times_s"]) for n in names])
+    ax.barh(names, med, color=colour, alpha=0.8)
+    ax.errorbar(med, range(len(names)), xerr=[med - low, high - med], fmt="none", ecolor="k", capsize=3, lw=1)
+    ax.set(title=title, xlabel=f"{unit} (median; whisker: fastest to slowest repeat)")
+    return ax
+
+
+def time_and_memory(runs: dict, title: str, memory_unit: str = "GB", time_unit: str = "ms"):
+    """Two panels for variants of one computation: time per call with the repeats' spread (`spread_bars`; in ms or
+    s), and peak memory (`peak_gb` of each run, in GB or MB). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 0.4 * len(runs) + 1.3))
+    spread_bars(a, runs, f"{title}: time", scale={"ms": 1e3, "s": 1.0}[time_unit], unit=time_unit)
+    names = list(runs)[::-1]
+    factor = 1e3 if memory_unit == "MB" else 1.0
+    b.barh(names, [factor * runs[n]["peak_gb"] for n in names], color="tab:green", alpha=0.8)
+    b.set(title=f"{title}: peak memory", xlabel=memory_unit, yticks=[])
+    fig.tight_layout()
+    return fig
+
+
+def speedup_chart(speedups: dict, notes: dict | None = None, title: str = ""):
+    """What each technique is worth on several machines: `speedups` {technique: {machine: (by the medians, smallest,
+    largest)}} (`ratios` of the runs without it over with it), drawn on a log scale around x1 with the repeats'
+    range as a whisker; `notes` {technique: text} are written at the right (e.g. a quoted claim)."""
+    import matplotlib.pyplot as plt
+
+    names = list(speedups)[::-1]
+    machines = list(dict.fromkeys(m for row in speedups.values() for m in row))
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(names) + 1.2))
+    height = 0.8 / len(machines)
+    for k, (machine, colour) in enumerate(zip(machines, ["tab:blue", "tab:orange", "tab:purple"])):
+        y = np.arange(len(names)) + 0.4 - height * (k + 0.5)
+        rows = [speedups[n].get(machine) for n in names]
+        mid = np.array([r[0] if r else np.nan for r in rows])
+        low = np.array([r[1] if r else np.nan for r in rows])
+        high = np.array([r[2] if r else np.nan for r in rows])
+        ax.barh(y, mid - 1, height * 0.9, left=1, color=colour, label=machine, alpha=0.85)
+        ax.errorbar(mid, y, xerr=[mid - low, high - mid], fmt="none", ecolor="k", capsize=2, lw=0.8)
+    for y, n in enumerate(names):
+        if notes and n in notes:
+            ax.text(1.01, y, notes[n], va="center", fontsize=7, color="tab:green", transform=ax.get_yaxis_transform())
+    ax.axvline(1, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(0.3, 8)
+    ax.set_xticks([0.5, 1, 2, 4], ["x0.5", "x1", "x2", "x4"])
+    ax.set_xticks([], minor=True)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("time without the technique / time with it (log scale; right of x1: it helps)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig
