@@ -10,8 +10,11 @@ Started under `mlx.launch` (ring, MPI, JACCL or NCCL backend), every process (ra
 - "tensor": the transformer's weights are split over the ranks in the Megatron way (`mlx.nn.layers.distributed`):
   q/k/v and the MLPs' first linears by output (`AllToShardedLinear`: each rank holds its heads and its part of the
   hidden width), the attention outputs and the MLPs' second linears by input (`ShardedToAllLinear`: one `all_sum`
-  after each). Each rank reads only its rows or columns from the safetensors files (`ShardReader`), so no rank
-  ever holds the whole transformer.
+  after each). The text encoder is split the same way (its q/k/v and MLP gate/up by output, o_proj and down_proj by
+  input, the token embedding by vocabulary), and so is each schedule's modulation table (every rank computes its
+  rows of the img_mod/txt_mod projections; one `all_gather` joins them). Each rank reads only its rows or columns
+  from the safetensors files (`ShardReader`), so no rank ever holds or reads the whole transformer, text encoder
+  or modulation.
 
 Nothing here moves data by itself: every exchange is an `mx.distributed` collective.
 """
@@ -36,11 +39,23 @@ from .quantize import (
     GROUP_SIZE,
     QuantizationReport,
     check_bits,
+    is_modulation,
     is_timestep_weight,
     quantize_transformer,
 )
 from .switches import Switches
-from .transformer import QwenImageTransformer, TransformerConfig, prepare_transformer
+from .text_encoder import QwenTextEncoder, TextEncoderConfig, is_language_model, language_model_name
+from .timestep_embedder import QwenTimestepProjEmbeddings
+from .transformer import (
+    BlockModulation,
+    ModulationTable,
+    OutputModulation,
+    QwenImageTransformer,
+    TransformerConfig,
+    _table,
+    _with_zero,
+    prepare_transformer,
+)
 
 MODES = ("cfg", "tensor")
 
@@ -83,6 +98,57 @@ def check_tensor_split(config: TransformerConfig, ranks: int) -> None:
         raise ValueError(f"parallel='tensor' cannot split the MLP's hidden width {hidden} over {ranks} ranks")
 
 
+# The text encoder's linears in each decoder layer, paired the same way (checkpoint or module names).
+TEXT_BY_OUTPUT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+TEXT_BY_INPUT = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def text_shard_axis(name: str) -> int | None:
+    """The axis along which a text encoder weight is split over ranks, or None (replicated: the norms, and the
+    vision tower an edit pipeline reads); the token embedding is split by vocabulary (rows)."""
+    name = language_model_name(name)
+    if name == "model.embed_tokens.weight":
+        return 0
+    if not name.startswith("model.layers."):
+        return None
+    module, _, kind = name.split(".", 3)[3].rpartition(".")
+    if module in TEXT_BY_OUTPUT:
+        return 0
+    if module in TEXT_BY_INPUT and kind == "weight":
+        return 1
+    return None
+
+
+def check_text_split(config: TextEncoderConfig, ranks: int) -> None:
+    """ValueError unless `ranks` divides the text encoder's query heads, key/value heads (GQA: each rank keeps
+    whole groups), MLP width and vocabulary."""
+    for count, what in (
+        (config.num_attention_heads, "attention heads"),
+        (config.num_key_value_heads, "key/value heads (GQA)"),
+    ):
+        if count % ranks:
+            fits = [n for n in range(2, count + 1) if config.num_key_value_heads % n == 0 and count % n == 0]
+            raise ValueError(
+                f"parallel='tensor' splits the text encoder's {count} {what} over {ranks} ranks, which does not "
+                f"divide them: launch a number of ranks that divides {config.num_key_value_heads} (the key/value "
+                f"heads), e.g. {' or '.join(map(str, fits)) or '1 (no split)'}"
+            )
+    for count, what in ((config.intermediate_size, "MLP width"), (config.vocab_size, "vocabulary")):
+        if count % ranks:
+            raise ValueError(f"parallel='tensor' cannot split the text encoder's {what} {count} over {ranks} ranks")
+
+
+def rank_shapes(shapes: dict, axis_of, ranks: int) -> dict:
+    """{name: (dtype, shape)} of one rank's part: each tensor's split axis (`axis_of(name)`) divided by `ranks`."""
+    out = {}
+    for name, (kind, shape) in shapes.items():
+        axis = axis_of(name)
+        if axis is not None:
+            shape = (*shape[:axis], shape[axis] // ranks, *shape[axis + 1 :])
+        out[name] = (kind, tuple(shape))
+    return out
+
+
 def _hash(value) -> int:
     text = json.dumps(value, sort_keys=True, default=str)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") & 0x7FFFFFFF
@@ -97,6 +163,7 @@ class Parallel:
         self.mode = mode
         self.group = group or mx.distributed.init()
         self.rank, self.size = self.group.rank(), self.group.size()
+        self.readers = {}  # tensor mode: the ShardReader of each component read so far (its bytes_read)
         if mode == "cfg" and self.size % 2:
             raise ValueError(
                 f"parallel='cfg' puts the prompt's and the negative prompt's passes on two ranks, so it needs an even "
@@ -163,27 +230,33 @@ class Parallel:
         return mx.stack(rows)
 
     # ------------------------------------------------------------------ tensor parallel
+    def check_split(self, transformer: TransformerConfig, text_encoder: TextEncoderConfig) -> None:
+        """ValueError, naming the rank counts that work, unless this group's size divides every split of the
+        transformer and the text encoder."""
+        check_tensor_split(transformer, self.size)
+        check_text_split(text_encoder, self.size)
+
     def load_transformer(self, folder, dtype, quantize=None, switches=None, modulation=False, loras=None):
         """(this rank's shard of the transformer, QuantizationReport or None, the ShardReader) from a checkpoint's
         `transformer/` folder: see `load_sharded_transformer`."""
-        return load_sharded_transformer(folder, self.group, dtype, quantize, switches, modulation, loras)
+        model, report, reader = load_sharded_transformer(
+            folder, self.group, dtype, quantize, switches, modulation, loras
+        )
+        self.readers["transformer"] = reader
+        return model, report, reader
 
-    def transformer_bytes(self, folder, dtype, held=None) -> int:
-        """Bytes of transformer weights one rank holds in `dtype` (unquantized), from the file headers."""
-        total = 0
-        for name, (_, shape) in _shapes(Path(folder), held).items():
-            n = int(np.prod(shape)) if shape else 1
-            total += (n // self.size if shard_axis(name) is not None else n) * dtype.size
-        return total
+    def load_text_encoder(self, folder, dtype, switches=None) -> QwenTextEncoder:
+        """This rank's shard of a checkpoint's `text_encoder/` (see `load_sharded_text_encoder`)."""
+        model, self.readers["text_encoder"] = load_sharded_text_encoder(folder, self.group, dtype, switches)
+        return model
 
-
-def _shapes(folder: Path, keep=None) -> dict:
-    shapes = {}
-    for f in weight_files(folder, keep):
-        for name, spec in read_header(f).items():
-            if name != "__metadata__" and (keep is None or keep(name)):
-                shapes[name] = (spec["dtype"], tuple(spec["shape"]))
-    return shapes
+    def load_modulation_table(self, folder, sigmas, dtype, quantize=None, loras=None) -> ModulationTable:
+        """A schedule's whole modulation table, each rank reading and computing its rows (see
+        `load_sharded_modulation_table`)."""
+        table, self.readers["modulation"] = load_sharded_modulation_table(
+            folder, self.group, sigmas, dtype, quantize, loras
+        )
+        return table
 
 
 # ---------------------------------------------------------------------------------------------- reading shards
@@ -192,9 +265,10 @@ NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.floa
 
 class ShardReader:
     """Reads one rank's rows or columns of safetensors tensors through a memory map: only those bytes are read
-    from disk (`bytes_read` counts them)."""
+    from disk (`bytes_read` counts them). `keep(name)` picks the tensors; `rename(name)` gives a checkpoint name's
+    name in the module (the text encoder's transformers-5 names)."""
 
-    def __init__(self, folder, rank: int, size: int, keep=None):
+    def __init__(self, folder, rank: int, size: int, keep=None, rename=None):
         self.rank, self.size, self.bytes_read = rank, size, 0
         self.tensors = {}  # name -> (file, offset of the data, dtype, shape)
         for f in weight_files(Path(folder), keep):
@@ -203,12 +277,13 @@ class ShardReader:
                 start = 8 + int.from_bytes(fh.read(8), "little")
             for name, spec in header.items():
                 if name != "__metadata__" and (keep is None or keep(name)):
-                    self.tensors[name] = (f, start + spec["data_offsets"][0], spec["dtype"], tuple(spec["shape"]))
+                    info = (f, start + spec["data_offsets"][0], spec["dtype"], tuple(spec["shape"]))
+                    self.tensors[rename(name) if rename else name] = info
 
     def read(self, name: str, axis: int | None) -> mx.array:
         """The tensor `name`, or this rank's equal part of it along `axis`."""
         if name not in self.tensors:
-            raise CheckpointError(f"the checkpoint has no tensor {name}: is it the transformer's folder?")
+            raise CheckpointError(f"the checkpoint has no tensor {name}: is it the component's folder?")
         path, offset, kind, shape = self.tensors[name]
         if kind not in NUMPY:
             raise ValueError(
@@ -226,6 +301,58 @@ class ShardReader:
         self.bytes_read += part.nbytes
         x = mx.array(part)
         return x.view(mx.bfloat16) if kind == "BF16" else x
+
+
+def read_into(module: nn.Module, reader: ShardReader, axis_of, dtype, loras=None, prefix: str = "", names=None):
+    """Load this rank's part of `module`'s parameters (`names`, default all) from `reader`, whose names are
+    `prefix` + the module's: each cut along `axis_of(checkpoint name)`, floats cast to `dtype`, the updates of
+    `loras` (a LoraStack) added where they apply, cut the same way (shard after fusing). Returns the arrays."""
+    expected = dict(tree_flatten(module.parameters()))
+    targets = set(loras.targets) if loras is not None and len(loras) else set()
+    weights = []
+    for name in names or expected:
+        full = prefix + name
+        axis = axis_of(full)
+        w = reader.read(full, axis)
+        if mx.issubdtype(w.dtype, mx.floating):
+            w = w.astype(dtype)
+        path, _, kind = full.rpartition(".")
+        if kind == "weight" and path in targets:
+            delta = loras.delta(path)
+            if axis is not None:
+                delta = mx.split(delta, reader.size, axis=axis)[reader.rank]
+            w = (w.astype(mx.float32) + delta).astype(w.dtype)
+        if tuple(w.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{full} has shape {tuple(w.shape)}; this rank's part should be {expected[name].shape}")
+        weights.append((name, w))
+    module.load_weights(weights, strict=False)
+    return [w for _, w in weights]
+
+
+def load_shards(model: nn.Module, reader: ShardReader, axis_of, dtype, what: str, loras=None, after=None) -> None:
+    """Fill a sharded model (its layout built with random weights, never evaluated) from `reader`, layer by layer:
+    each layer's part is read, `after(layer)` may change it (quantize), and it is evaluated before the next is
+    read, so the peak stays near one layer above the shard. The names must match exactly."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing, unexpected = (
+        sorted(expected.keys() - reader.tensors.keys()),
+        sorted(reader.tensors.keys() - expected.keys()),
+    )
+    if missing or unexpected:
+        raise ValueError(
+            f"the checkpoint does not fit the {what}: {len(missing)} missing {missing[:8]}, {len(unexpected)} "
+            f"unexpected {unexpected[:8]}. Is the config.json beside the weights the one they were saved with?"
+        )
+    layers = {}
+    for name in expected:  # "transformer_blocks.3", "model.layers.3", or "" for the rest
+        parts = name.split(".")
+        cut = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), 0)
+        layers.setdefault(".".join(parts[:cut]), []).append(name)
+    for layer, names in layers.items():
+        arrays = read_into(model, reader, axis_of, dtype, loras, names=names)
+        if after is not None and layer:
+            after(layer)
+        mx.eval(_get(model, layer).parameters() if layer else arrays)
 
 
 # ---------------------------------------------------------------------------------------------- the sharded model
@@ -317,53 +444,118 @@ def load_sharded_transformer(
     keep = None if modulation else (lambda name: not is_timestep_weight(name))
     model = shard_layout(QwenImageTransformer(TransformerConfig.from_dict(raw), switches, modulation), group)
     reader = ShardReader(folder, group.rank(), group.size(), keep)
-    expected = dict(tree_flatten(model.parameters()))
-    unexpected = sorted(reader.tensors.keys() - expected.keys())
-    if unexpected:
-        raise ValueError(f"the checkpoint does not fit the transformer: {len(unexpected)} unexpected: {unexpected[:8]}")
-    targets = set(loras.targets) if loras is not None and len(loras) else set()
     report = QuantizationReport(bits, GROUP_SIZE, 8) if bits else None
 
-    groups = {}
-    for name in expected:
-        parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] == "transformer_blocks" else "rest"
-        groups.setdefault(key, []).append(name)
-    for key, names in groups.items():
-        weights = []
-        for name in names:
-            axis = shard_axis(name)
-            w = reader.read(name, axis)
-            if mx.issubdtype(w.dtype, mx.floating):
-                w = w.astype(dtype)
-            module, _, kind = name.rpartition(".")
-            if kind == "weight" and module in targets:  # the LoRA's update, cut like the weight
-                delta = loras.delta(module)
-                if axis is not None:
-                    delta = mx.split(delta, group.size(), axis=axis)[group.rank()]
-                w = (w.astype(mx.float32) + delta).astype(w.dtype)
-            if tuple(w.shape) != tuple(expected[name].shape):
-                raise ValueError(
-                    f"{name} has shape {tuple(w.shape)}; this rank's part should be {expected[name].shape}"
-                )
-            weights.append((name, w))
-        model.load_weights(weights, strict=False)
-        if bits and key != "rest":
-            block = model.transformer_blocks[int(key.split(".")[1])]
-            for path in BY_OUTPUT + BY_INPUT:
-                q = quantize_shard(_get(block, path), bits)
-                if q is None:
-                    report.skipped.append(f"{key}.{path}")
-                else:
-                    _set(block, path, q)
-                    report.quantized += 1
-        mx.eval(model.parameters() if key == "rest" else model.transformer_blocks[int(key.split(".")[1])].parameters())
+    def quantize_block(layer: str) -> None:
+        block = _get(model, layer)
+        for path in BY_OUTPUT + BY_INPUT:
+            q = quantize_shard(_get(block, path), bits)
+            if q is None:
+                report.skipped.append(f"{layer}.{path}")
+            else:
+                _set(block, path, q)
+                report.quantized += 1
+
+    load_shards(model, reader, shard_axis, dtype, "transformer", loras, quantize_block if bits else None)
     if bits:  # the replicated linears (embedders, output; the modulation when built), as the whole model's
         rest = quantize_transformer(model, bits)
         report.quantized += rest.quantized
         report.skipped += rest.skipped
     prepare_transformer(model, None, switches)  # q/k/v fused per rank: each rank's rows of q, k and v stacked
     return model, report, reader
+
+
+# ---------------------------------------------------------------------------------------------- the text encoder
+class ShardedEmbedding(nn.Module):
+    """A token embedding split by vocabulary: each rank holds vocab / N rows, looks up the ids in its range (zeros
+    for the others) and one all_sum gives every rank the whole (B, S, dims) lookup."""
+
+    def __init__(self, vocab: int, dims: int, group):
+        super().__init__()
+        self.group = group
+        rows = vocab // group.size()
+        self.first = group.rank() * rows
+        self.weight = mx.zeros((rows, dims))
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        local = ids - self.first
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        x = self.weight[mx.where(mine, local, 0)]
+        return mx.distributed.all_sum(mx.where(mine[..., None], x, mx.zeros((), x.dtype)), group=self.group)
+
+
+def shard_text_layout(model: QwenTextEncoder, group) -> QwenTextEncoder:
+    """Give a text encoder the sharded structure in place (random weights, never evaluated): each decoder layer's
+    q/k/v and MLP gate/up split by output, o_proj and down_proj by input; heads and key/value heads per rank
+    divided by group.size(); the token embedding split by vocabulary."""
+    config, N = model.config, group.size()
+    check_text_split(config, N)
+    text = model.model
+    text.embed_tokens = ShardedEmbedding(config.vocab_size, config.hidden_size, group)
+    for layer in text.layers:
+        for path in TEXT_BY_OUTPUT + TEXT_BY_INPUT:
+            linear = _get(layer, path)
+            out, inp = linear.weight.shape
+            kind = AllToShardedLinear if path in TEXT_BY_OUTPUT else ShardedToAllLinear
+            _set(layer, path, kind(inp, out, "bias" in linear, group=group))
+        layer.self_attn.heads = config.num_attention_heads // N
+        layer.self_attn.kv_heads = config.num_key_value_heads // N
+    return model
+
+
+def load_sharded_text_encoder(folder, group, dtype: mx.Dtype = mx.bfloat16, switches: Switches | None = None):
+    """(this rank's text encoder, ShardReader) from a checkpoint's `text_encoder/` folder: the language model with
+    its layers' split linears and the embedding holding only this rank's rows or columns, read from disk alone
+    layer by layer; the norms replicated; the vision tower and lm_head never read."""
+    folder = Path(folder)
+    model = shard_text_layout(QwenTextEncoder(TextEncoderConfig.from_folder(folder), switches), group)
+    reader = ShardReader(folder, group.rank(), group.size(), is_language_model, language_model_name)
+    load_shards(model, reader, text_shard_axis, dtype, "Qwen2.5-VL text encoder")
+    return model, reader
+
+
+# ---------------------------------------------------------------------------------------------- the modulation
+def load_sharded_modulation_table(
+    folder, group, sigmas: mx.array, dtype: mx.Dtype = mx.bfloat16, quantize: int | None = None, loras=None
+):
+    """(a schedule's ModulationTable, ShardReader): `transformer.load_modulation_table` with each rank reading and
+    computing only its rows of every modulation projection (img_mod, txt_mod, norm_out.linear: 1/N of their
+    parameters, a block at a time; quantized per row as the whole model would be, the LoRAs' rows added); one
+    all_gather joins the rows, so every rank ends with the whole table. The timestep embedder is read whole."""
+    folder = Path(folder)
+    config = TransformerConfig.from_dict(read_config(folder))
+    check_tensor_split(config, group.size())
+    N, D = group.size(), config.dim
+    reader = ShardReader(folder, group.rank(), N, is_timestep_weight)
+    axis_of = lambda name: 0 if is_modulation(name) else None  # noqa: E731
+
+    def part(module: nn.Module, prefix: str) -> nn.Module:
+        read_into(module, reader, axis_of, dtype, loras, prefix)
+        if quantize:
+            quantize_transformer(module, quantize, prefix=prefix)
+        return module
+
+    embedder = part(QwenTimestepProjEmbeddings(D), "time_text_embed.")
+    temb = embedder(_with_zero(sigmas, config.zero_cond_t).astype(dtype), dtype)
+    mx.eval(temb)
+    rows = []  # this rank's rows of each block's img and txt modulation, then the output's
+    for i in range(config.num_layers):
+        block = BlockModulation(D)
+        block.img_mod[1], block.txt_mod[1] = nn.Linear(D, 6 * D // N), nn.Linear(D, 6 * D // N)
+        rows += part(block, f"transformer_blocks.{i}.").modulation(temb)
+        mx.eval(rows[-2:])  # this block's rows are read here and dropped with the module
+    out = OutputModulation(D)
+    out.linear = nn.Linear(D, 2 * D // N)
+    rows.append(part(out, "norm_out.").modulation(temb))
+    widths = [r.shape[-1] for r in rows]
+    every = mx.distributed.all_gather(mx.concatenate(rows, axis=-1)[None], group=group)  # (N, S, sum(widths))
+    S, whole, start = every.shape[1], [], 0
+    for w in widths:  # rank r's rows of a projection are its r-th slice: rank-major along the output
+        whole.append(every[:, :, start : start + w].transpose(1, 0, 2).reshape(S, N * w))
+        start += w
+    mx.eval(whole)
+    blocks = [(whole[2 * i], whole[2 * i + 1]) for i in range(config.num_layers)]
+    return _table(blocks, whole[-1], config.zero_cond_t), reader
 
 
 def held_bytes(model: nn.Module) -> int:
@@ -374,13 +566,24 @@ def held_bytes(model: nn.Module) -> int:
 __all__ = [
     "BY_INPUT",
     "BY_OUTPUT",
+    "TEXT_BY_INPUT",
+    "TEXT_BY_OUTPUT",
     "Parallel",
     "ShardReader",
+    "ShardedEmbedding",
     "check_tensor_split",
+    "check_text_split",
     "held_bytes",
+    "load_shards",
+    "load_sharded_modulation_table",
+    "load_sharded_text_encoder",
     "load_sharded_transformer",
     "quantize_shard",
+    "rank_shapes",
+    "read_into",
     "shard_axis",
     "shard_layout",
     "shard_model",
+    "shard_text_layout",
+    "text_shard_axis",
 ]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .distributed import rank_shapes, shard_axis, text_shard_axis
 from .hub import keep_rules
 from .loading import read_config, read_header, weight_files
 from .quantize import GROUP_SIZE, is_timestep_weight, quantized_bits
@@ -195,21 +196,27 @@ def plan_memory(
     group_size: int = 64,
     schedule_modulation: bool = True,
     vision: bool = False,
+    tensor_ranks: int = 1,
 ) -> MemoryPlan:
     """The plan for loading the pipeline in `folder`; `keep_text_encoder=None` picks resident when it fits. With
     `schedule_modulation` (the pipeline's default) the transformer is held without the weights that depend on sigma
     alone: they are read a block at a time for each new schedule and never resident. `vision`: an edit pipeline,
-    which holds the text encoder's vision tower too and denoises beside a condition picture of the plan's size."""
+    which holds the text encoder's vision tower too and denoises beside a condition picture of the plan's size.
+    `tensor_ranks` N > 1 (parallel="tensor"): the figures are one rank's, holding 1/N of the split weights of the
+    transformer and the text encoder (each quantized per rank) and the rest whole."""
     folder = Path(folder)
     tr_config = read_config(folder / "transformer")
     prequantized = tr_config.get("quantization")
     bits = None if prequantized else quantize
     held = (lambda name: not is_timestep_weight(name)) if schedule_modulation else None
+    text = tensor_shapes(folder / "text_encoder", keep_rules(vision)["text_encoder"])
+    transformer = tensor_shapes(folder / "transformer", held)
+    if tensor_ranks > 1:
+        text = rank_shapes(text, text_shard_axis, tensor_ranks)
+        transformer = rank_shapes(transformer, shard_axis, tensor_ranks)
     components = {
-        "text_encoder": component_bytes(
-            tensor_shapes(folder / "text_encoder", keep_rules(vision)["text_encoder"]), dtype
-        ),
-        "transformer": component_bytes(tensor_shapes(folder / "transformer", held), dtype, bits, group_size),
+        "text_encoder": component_bytes(text, dtype),
+        "transformer": component_bytes(transformer, dtype, bits, group_size),
         "vae": component_bytes(tensor_shapes(folder / "vae"), dtype),
     }
     source = "given"
@@ -227,6 +234,8 @@ def plan_memory(
         quantize=prequantized["bits"] if prequantized else quantize,
         size=(height, width),
     )
+    if tensor_ranks > 1:
+        plan.notes.append(f"per rank: the transformer and text encoder split over {tensor_ranks} ranks (tensor)")
     if keep_text_encoder is None:
         plan.keep_text_encoder = budget is None or plan.resident_peak <= plan.usable
     return plan

@@ -32,13 +32,14 @@ from .hub import resolve
 from .loading import read_config
 from .lora import LoRA, LoraStack, read_lora
 from .memory import MemoryLimit, MemoryPlan, activation_bytes, check_memory_limit, plan_memory
-from .quantize import check_bits, is_timestep_weight
+from .quantize import check_bits
 from .sampling import Schedule, check_strength, denoise, eval_every_blocks
 from .scheduler import SchedulerConfig, pack_latents, unpack_latents
 from .switches import Switches
 from .text_encoder import (
     MAX_TOKENS,
     QwenTextEncoder,
+    TextEncoderConfig,
     check_prompt_length,
     encode_prompt,
     load_text_encoder,
@@ -374,22 +375,18 @@ class QwenImagePipeline:
         opts.quantize = stored["bits"] if stored else opts.quantize
         h, w = plan_size or sizes.native
         split = opts.schedule_modulation
-        plan = plan_memory(
-            folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, schedule_modulation=split, vision=vision
-        )
+        tensor = parallel is not None and parallel.mode == "tensor"
+        if tensor:  # before anything is read: the rank count must divide every split
+            parallel.check_split(config, TextEncoderConfig.from_folder(folder / "text_encoder"))
+        # tensor mode: the plan counts one rank's part of the split models
+        kinds = dict(schedule_modulation=split, vision=vision, tensor_ranks=parallel.size if tensor else 1)
+        plan = plan_memory(folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, **kinds)
         if parallel is not None:
             shared = repr(replace(opts, verbose=True))  # rank 0 alone is verbose
             parallel.agree("models or options", (read_config(folder / "transformer"), native_size(folder), shared))
-            if parallel.mode == "tensor" and not opts.quantize:  # each rank holds its part of the transformer
-                held = (lambda name: not is_timestep_weight(name)) if split else None
-                per_rank = parallel.transformer_bytes(folder / "transformer", opts.dtype, held)
-                plan = replace(plan, components={**plan.components, "transformer": per_rank})
         if opts.check_memory and not plan.fits:
             alternatives = {
-                b: plan_memory(
-                    folder, opts.dtype, b, None, h, w, budget=plan.budget, schedule_modulation=split, vision=vision
-                )
-                for b in (8, 4)
+                b: plan_memory(folder, opts.dtype, b, None, h, w, budget=plan.budget, **kinds) for b in (8, 4)
             }
             plan.check(alternatives)
         if opts.verbose:
@@ -400,7 +397,7 @@ class QwenImagePipeline:
         pipe = None  # the transformer's loader records its quantization report on the pipeline
 
         def transformer():
-            if parallel is not None and parallel.mode == "tensor":
+            if tensor:
                 loras = pipe.loras if len(pipe.loras) else None
                 model, pipe.quantization, pipe.shard_reader = parallel.load_transformer(
                     folder / "transformer", opts.dtype, opts.quantize, opts.switches, not split, loras
@@ -427,13 +424,20 @@ class QwenImagePipeline:
             return model
 
         def read_modulation(sigmas):
+            if tensor:  # each rank reads and computes its rows of the table
+                loras = pipe.loras if len(pipe.loras) else None
+                return parallel.load_modulation_table(folder / "transformer", sigmas, opts.dtype, opts.quantize, loras)
             adjust = pipe.loras.apply_to_weights if len(pipe.loras) else None
             return load_modulation_table(folder / "transformer", sigmas, opts.dtype, opts.quantize, adjust)
+
+        def text_encoder():
+            load = parallel.load_text_encoder if tensor else load_text_encoder
+            return load(folder / "text_encoder", opts.dtype, opts.switches)
 
         store = ComponentStore(
             {
                 "transformer": transformer,
-                "text_encoder": lambda: load_text_encoder(folder / "text_encoder", opts.dtype, opts.switches),
+                "text_encoder": text_encoder,
                 "vae": lambda: load_vae(folder / "vae", opts.dtype),
             }
         )

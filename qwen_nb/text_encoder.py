@@ -193,14 +193,7 @@ class QwenTextEncoder(nn.Module):
     def sanitize(weights: dict) -> dict:
         """Checkpoint names -> this module's: transformers 5's `model.language_model.*` becomes `model.*`; the
         vision tower (`visual.*`, `model.visual.*`) and `lm_head.*` are dropped (never read: mx.load is lazy)."""
-        out = {}
-        for k, v in weights.items():
-            if not is_language_model(k):
-                continue
-            if k.startswith("model.language_model."):
-                k = "model." + k[len("model.language_model.") :]
-            out[k] = v
-        return out
+        return {language_model_name(k): v for k, v in weights.items() if is_language_model(k)}
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -211,6 +204,12 @@ def is_language_model(name: str) -> bool:
     """The text encoder's tensors the text-to-image pipeline reads: the language model, not the vision tower or
     lm_head (a shard holding only those need not even be downloaded)."""
     return not name.startswith(("visual.", "model.visual.", "lm_head."))
+
+
+def language_model_name(name: str) -> str:
+    """A language-model tensor's name in this module: transformers 5's `model.language_model.*` is `model.*`."""
+    prefix = "model.language_model."
+    return "model." + name[len(prefix) :] if name.startswith(prefix) else name
 
 
 def load_text_encoder(folder, dtype: mx.Dtype = mx.bfloat16, switches: Switches | None = None) -> QwenTextEncoder:
