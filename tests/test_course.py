@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from qwen_nb import course_runner
 
@@ -66,3 +67,19 @@ def test_course_report_names_what_the_times_were_measured_on(tmp_path, monkeypat
     report = json.loads(path.read_text())
     assert report["total_s"] == 5.25 and report["notebooks"]["02_rope.ipynb"] == 3.25
     assert "no OpenBLAS" in report["blas"] and report["mlx"] and "CPU cores" in report["machine"]
+
+
+def test_compare_reads_a_difference_only_where_every_repeat_agrees():
+    from qwen_nb import course
+
+    runs = {
+        "fast": {"median_s": 1.0, "times_s": [1.0, 1.1, 0.9]},
+        "slow": {"median_s": 2.0, "times_s": [2.0, 2.2, 1.9]},
+        "noisy": {"median_s": 1.2, "times_s": [0.9, 1.2, 1.3]},  # faster than 'fast' once, slower twice
+    }
+    assert course.ratios(runs, "fast", "slow") == pytest.approx((2.0, 2.0, 1.9 / 0.9))  # medians, min, max
+    assert course.differs(runs, "fast", "slow") and course.differs(runs, "slow", "fast")
+    assert not course.differs(runs, "fast", "noisy")
+    assert course.compare(runs, "fast", "slow") == "fast is 2.00x faster than slow (in every repeat)"
+    assert course.compare(runs, "slow", "fast", "B", "A") == "B is 2.00x slower than A (in every repeat)"
+    assert "equal within noise (x1.20 by the medians" in course.compare(runs, "fast", "noisy")
