@@ -61,17 +61,18 @@ def reference(case: str):
     return *ranks.generate(pipe, case), *ranks.encoded(pipe)
 
 
-# float32 sums in another order: the split transformer alone stays within 1e-5 of one process (and the split text
-# encoder's embeddings within 1e-5, measured 1.3e-6), but the transformer carries the embeddings' rounding into the
-# latents: 1.14e-5 at most (tensor_demo_8bit). test_tensor_transformer_alone_equals_one_process holds the 1e-5.
-LATENTS = 2e-5
+# float32 sums in another order: the float32 cases hold 1e-5 end to end. At 8 bits the split transformer alone stays
+# within 1e-5 of one process (test_tensor_transformer_alone_equals_one_process) and the split text encoder's
+# embeddings within 1e-5 (measured 1.3e-6), but the quantized transformer carries the embeddings' rounding into the
+# latents: 1.14e-5 measured, so that one case is held to 2e-5.
+LATENTS = {"tensor_demo_8bit": 2e-5}
 
 
 @pytest.mark.parametrize("case", list(ranks.CASES))
 def test_two_ranks_equal_one_process(results, case):
     arrays, _ = results
     latents, images, *_ = reference(case)
-    np.testing.assert_allclose(arrays[f"{case}/latents"], latents, rtol=0, atol=LATENTS)
+    np.testing.assert_allclose(arrays[f"{case}/latents"], latents, rtol=0, atol=LATENTS.get(case, 1e-5))
     got = arrays[f"{case}/images"].astype(int)
     assert got.shape == images.shape
     assert np.abs(got - images.astype(int)).max() <= 1
