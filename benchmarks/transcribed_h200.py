@@ -9,7 +9,6 @@ call. Running that command again on the card rewrites the reports with the runs'
 """
 
 import json
-from pathlib import Path
 
 from common import ASSETS, chart
 

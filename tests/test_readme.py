@@ -1,0 +1,35 @@
+"""The README's course timings are the committed reports' (`python -m qwen_nb course --report`), so a re-run that
+changes them cannot leave the README behind silently."""
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def course_line(with_openblas: dict, without: dict) -> str:
+    """The README's sentence on the course with and without OpenBLAS, from the two reports."""
+    slowest = max(with_openblas["notebooks"], key=with_openblas["notebooks"].get)
+    over = [n.removesuffix(".ipynb") for n, t in without["notebooks"].items() if t > 60]
+    return (
+        f"On this repository's 2-core Linux machine the {len(with_openblas['notebooks'])} notebooks took "
+        f"{with_openblas['total_s']:.0f} s with OpenBLAS (the slowest, {slowest.removesuffix('.ipynb')}, "
+        f"{with_openblas['notebooks'][slowest]:.0f} s) and {without['total_s']:.0f} s with the wheel's own BLAS "
+        f"({without['total_s'] / with_openblas['total_s']:.1f}x), where {len(over)} of them "
+        f"({', '.join(over)}) went over the 60 s a notebook should take"
+    )
+
+
+def test_readme_quotes_the_committed_course_reports():
+    reports = [json.loads((ROOT / "assets" / name).read_text()) for name in REPORTS]
+    assert "openblas" in reports[0]["blas"] and "no OpenBLAS" in reports[1]["blas"]
+    assert set(reports[0]["notebooks"]) == set(reports[1]["notebooks"])  # the same series both ways
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert course_line(*reports) in readme, course_line(*reports)
+
+
+REPORTS = ("course_times.json", "course_times_reference_blas.json")
+
+
+if __name__ == "__main__":  # prints the sentence to paste into the README after a new report
+    print(course_line(*(json.loads((ROOT / "assets" / n).read_text()) for n in REPORTS)))
