@@ -435,7 +435,24 @@ class QwenImage21Pipeline:
         return embeds, slots
 
     def _want_vision(self) -> None:
-        """From now on the text encoder is built with its vision tower (read once a call brings pictures)."""
+        """From now on the text encoder is built with its vision tower (read once a call brings pictures). The
+        memory plan made at `from_pretrained` left the tower out: checked again with it before anything is read."""
+        plan = self.memory_plan
+        if not self._vision and self.options.check_memory and plan is not None:
+            with_vision = {
+                b: plan_memory(
+                    self.folder,
+                    self.dtype,
+                    b,
+                    plan.keep_text_encoder or None,
+                    *plan.size,
+                    budget=plan.budget,
+                    schedule_modulation=False,
+                    vision=True,
+                )
+                for b in (self.options.quantize, 8, 4)
+            }
+            with_vision[self.options.quantize].check({b: q for b, q in with_vision.items() if b})
         self._vision = True
         if self.components.loaded("text_encoder") and not self.text_encoder.has_vision:
             self.components.release("text_encoder")

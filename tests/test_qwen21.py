@@ -591,6 +591,33 @@ def test_memory_plan_per_mac(tmp_path, monkeypatch, ram_gb, picks):
     assert with_pictures.fits == (ram_gb >= 32)  # the vision tower read too, a condition picture beside the target
 
 
+@pytest.mark.parametrize("ram_gb, bits, fits", [(32, None, True), (24, 8, False)])
+def test_a_condition_picture_checks_the_plan_again_with_the_vision_tower(tmp_path, monkeypatch, ram_gb, bits, fits):
+    """The plan made at from_pretrained leaves the vision tower out (text-to-image never reads it); the first call
+    with a picture plans again with it and refuses, naming the fix, before anything is read (full-size shapes)."""
+    from qwen_nb.components import ComponentStore
+    from qwen_nb.pipeline21 import Qwen3VLProcessor, read_scheduler
+
+    monkeypatch.setattr(memory.mx, "default_device", lambda: mx.gpu)  # a Mac's estimates
+    folder = real_21_folder(tmp_path)
+    budget = int(0.75 * ram_gb * 1e9)
+    plan = memory.plan_memory(folder, mx.bfloat16, bits, budget=budget, schedule_modulation=False)
+    assert plan.fits  # text-to-image loads
+    opts = QwenImage21Pipeline._options(dtype=mx.bfloat16, quantize=bits, check_memory=True, verbose=False)
+    opts.keep_text_encoder = plan.keep_text_encoder
+    pipe = QwenImage21Pipeline(
+        Qwen3VLProcessor.from_pretrained(FOLDER / "processor"), read_scheduler(FOLDER / "scheduler"),
+        ComponentStore({}), opts, folder=folder, plan=plan,
+    )  # fmt: skip
+    if fits:
+        pipe._want_vision()
+        assert pipe._vision
+    else:
+        with pytest.raises(memory.MemoryPlanError, match="will not fit(.|\n)*quantize=4|Even quantize=4"):
+            pipe._want_vision()
+        assert not pipe._vision  # nothing changed: a text-to-image call still works
+
+
 def test_qwen_image_pipeline_names_the_21_pipeline():
     """qwen_nb.hub takes a 2.1 folder (processor/ in place of tokenizer/); QwenImagePipeline refuses its transformer
     and says which pipeline loads it."""
