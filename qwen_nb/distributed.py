@@ -356,17 +356,22 @@ def load_shards(model: nn.Module, reader: ShardReader, axis_of, dtype, what: str
 
 
 # ---------------------------------------------------------------------------------------------- the sharded model
+def _split_linears(module, by_output, by_input, group) -> None:
+    """Replace `module`'s linears at the paths `by_output` / `by_input` by MLX's split ones (empty, lazily)."""
+    for path in (*by_output, *by_input):
+        linear = _get(module, path)
+        out, inp = linear.weight.shape
+        kind = AllToShardedLinear if path in by_output else ShardedToAllLinear
+        _set(module, path, kind(inp, out, "bias" in linear, group=group))
+
+
 def shard_layout(model: QwenImageTransformer, group) -> QwenImageTransformer:
     """Give a transformer's blocks the sharded structure (random weights, lazily: load a shard into them), in place.
     Heads per rank: num_attention_heads / group.size()."""
     N = group.size()
     check_tensor_split(model.config, N)
     for block in model.transformer_blocks:
-        for path in BY_OUTPUT + BY_INPUT:
-            linear = _get(block, path)
-            out, inp = linear.weight.shape
-            kind = AllToShardedLinear if path in BY_OUTPUT else ShardedToAllLinear
-            _set(block, path, kind(inp, out, "bias" in linear, group=group))
+        _split_linears(block, BY_OUTPUT, BY_INPUT, group)
         block.attn.heads = model.config.num_attention_heads // N
     return model
 
@@ -493,11 +498,7 @@ def shard_text_layout(model: QwenTextEncoder, group) -> QwenTextEncoder:
     text = model.model
     text.embed_tokens = ShardedEmbedding(config.vocab_size, config.hidden_size, group)
     for layer in text.layers:
-        for path in TEXT_BY_OUTPUT + TEXT_BY_INPUT:
-            linear = _get(layer, path)
-            out, inp = linear.weight.shape
-            kind = AllToShardedLinear if path in TEXT_BY_OUTPUT else ShardedToAllLinear
-            _set(layer, path, kind(inp, out, "bias" in linear, group=group))
+        _split_linears(layer, TEXT_BY_OUTPUT, TEXT_BY_INPUT, group)
         layer.self_attn.heads = config.num_attention_heads // N
         layer.self_attn.kv_heads = config.num_key_value_heads // N
     return model
