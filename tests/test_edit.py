@@ -1,7 +1,7 @@
 """The edit pipelines against diffusers 0.42.1's QwenImageEditPipeline and QwenImageEditPlusPipeline on the tiny
 random checkpoint tests/fixtures/tiny_edit (written by tests/fixtures/make_edit_fixtures.py): one picture, two
-pictures of different sizes and aspect ratios, zero_cond_t (Edit-2511), CJK prompts; pipeline options; bad input;
-the CLI's edit command."""
+and three pictures of different sizes and aspect ratios, zero_cond_t (Edit-2511), CJK prompts; pipeline options;
+bad input; the CLI's edit command."""
 
 import json
 import shutil
@@ -25,8 +25,14 @@ from qwen_nb.vision import is_vision_tower
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_edit"
 CHECKPOINT = FIXTURE / "checkpoint"  # Edit-2509's layout (QwenImageEditPlusPipeline)
 PICTURES = FIXTURE / "pictures"
-GOLDENS = mx.load(str(FIXTURE / "goldens.safetensors"))
-CASES = {c["name"]: c for c in json.loads((FIXTURE / "goldens.json").read_text())["cases"]}
+# goldens.* from make_edit_fixtures.py; three_pictures.* (three pictures, the most -2509/2511 take) from
+# make_edit_three_fixtures.py
+GOLDENS = {k: v for f in ("goldens", "three_pictures") for k, v in mx.load(str(FIXTURE / f"{f}.safetensors")).items()}
+CASES = {
+    c["name"]: c
+    for f in ("goldens", "three_pictures")
+    for c in json.loads((FIXTURE / f"{f}.json").read_text())["cases"]
+}
 CLASS_NAMES = {"edit": "QwenImageEditPipeline", "plus": "QwenImageEditPlusPipeline"}
 
 
