@@ -258,6 +258,54 @@ def test_long_prompt_is_cut_to_max_sequence_length_like_diffusers(capsys):
     )
 
 
+# prompts at and past max_sequence_length (512), odd latent grids, negative_prompt=None with cfg_scale > 1:
+# tests/fixtures/make_pipeline_long_fixtures.py
+LONG_GOLDENS = mx.load(str(FIXTURES / "long_prompts.safetensors"))
+LONG_CASES = json.loads((FIXTURES / "long_prompts.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def pipe_b():
+    return load("layout_b")
+
+
+@pytest.mark.parametrize("c", LONG_CASES, ids=[c["name"] for c in LONG_CASES])
+def test_prompts_at_and_past_512_tokens_match_diffusers(pipe_b, c):
+    """A 600-token prompt cut to 512 with no negative prompt at cfg_scale 4 (no CFG, as diffusers), a 512-token
+    prompt against a 700-token negative cut to 512 (one length: batched CFG), 513 tokens against 40, at 80x48,
+    48x112 and 112x80 (odd latent grids): the cut embeddings' ends, every step's latents within 1e-5 (float32) and
+    the image within 2/255."""
+    name = c["name"]
+    for text, key, n in (
+        (c["prompt"], "prompt", c["embedded_tokens"]),
+        (c["negative_prompt"], "negative", c["negative_embedded_tokens"]),
+    ):
+        if text is None:
+            continue
+        embeds, _ = pipe_b.encode(text)
+        assert embeds.shape[1] == n
+        ends = np.concatenate([np.array(embeds[:, :4]), np.array(embeds[:, -4:])], axis=1)
+        np.testing.assert_allclose(ends, np.array(LONG_GOLDENS[f"{name}.{key}_embeds_ends"]), rtol=1e-5, atol=1e-5)
+    steps = []
+    image = pipe_b.generate(
+        c["prompt"],
+        c["negative_prompt"],
+        c["height"],
+        c["width"],
+        c["steps"],
+        c["cfg_scale"],
+        latents=LONG_GOLDENS[f"{name}.noise"],
+        progress=False,
+        callback=lambda i, x: steps.append(np.array(x[0])),
+    )
+    assert image.size == (c["width"], c["height"]) and pipe_b.last_stats.cfg == c["cfg_run"]
+    np.testing.assert_allclose(np.stack(steps), np.array(LONG_GOLDENS[f"{name}.latents"]), rtol=1e-5, atol=1e-5)
+    diff = int(np.abs(np.asarray(image).astype(int) - np.array(LONG_GOLDENS[f"{name}.image"]).astype(int)).max())
+    print(f"{name}: latents max|diff| {np.abs(np.stack(steps) - np.array(LONG_GOLDENS[f'{name}.latents'])).max():.2e}, "
+          f"max pixel difference {diff}/255")  # fmt: skip
+    assert diff <= 2
+
+
 # ---------------------------------------------------------------------------------------------- interrupts
 @pytest.mark.parametrize("k", [0, 2])
 def test_interrupt_stops_cleanly_and_pipeline_stays_usable(k):
