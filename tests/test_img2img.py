@@ -24,7 +24,10 @@ MODEL = FIXTURES / "tiny_pipeline" / "layout_a"
 PICTURES = FIXTURES / "img2img"
 GOLDENS = mx.load(str(PICTURES / "goldens.safetensors"))
 META = json.loads((PICTURES / "goldens.json").read_text())
-CASES = {c["name"]: c for c in META["cases"]}
+# extra.*: strengths that leave one step, grey masks as L and as RGB, a coloured RGB mask
+# (tests/fixtures/make_img2img_extra_fixtures.py)
+GOLDENS.update(mx.load(str(PICTURES / "extra.safetensors")))
+CASES = {c["name"]: c for c in META["cases"] + json.loads((PICTURES / "extra.json").read_text())["cases"]}
 
 
 def golden(name, key) -> np.ndarray:
@@ -108,7 +111,9 @@ def test_first_step_is_get_timesteps():
 # ---------------------------------------------------------------------------------------------- the pieces
 def test_picture_preprocessing_is_diffusers(pipe):
     """The resized pictures equal diffusers' image processor's output exactly (Lanczos in Pillow, then 2x - 1)."""
-    for name in ("img2img_09_resize", "inpaint_10_resize"):
+    resized = [name for name in CASES if f"{name}.pixels" in GOLDENS]
+    assert {"img2img_09_resize", "inpaint_10_resize", "img2img_one_step_aspect"} <= set(resized)
+    for name in resized:
         c = CASES[name]
         x = image_input.preprocess_image(Image.open(PICTURES / c["picture"]), c["height"], c["width"])
         np.testing.assert_array_equal(x[0], golden(name, "pixels").transpose(1, 2, 0))
