@@ -43,8 +43,10 @@ FIXTURE = Path(__file__).parent / "fixtures" / "tiny_qwen21"
 FOLDER = FIXTURE / "pipeline"
 PICTURES = FIXTURE / "pictures"
 META = json.loads((FIXTURE / "goldens.json").read_text())
-CASES = {c["name"]: c for c in META["cases"]}
-G = mx.load(str(FIXTURE / "goldens.safetensors"))
+# extra.*: a tall condition picture and two of different aspects, with CFG against a real negative prompt
+# (tests/fixtures/make_qwen21_extra_fixtures.py)
+CASES = {c["name"]: c for c in META["cases"] + json.loads((FIXTURE / "extra.json").read_text())["cases"]}
+G = {**mx.load(str(FIXTURE / "goldens.safetensors")), **mx.load(str(FIXTURE / "extra.safetensors"))}
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -321,11 +323,16 @@ def test_generation_matches_diffusers(pipe, name):
 
 @pytest.mark.parametrize("name", [n for n in CASES if not n.endswith(".lora")])
 def test_prompt_embeddings_match_diffusers(pipe, name):
+    """The prompt and (with CFG) the negative prompt, each encoded with the condition pictures, within 1e-5."""
     c = CASES[name]
     pictures = pipe.condition_pictures([PICTURES / f"{n}.png" for n in c["pictures"]] or None, c["output_resolution"])
-    embeds, slots = pipe.encode(c["prompt"], pictures[1])
-    close(embeds, G[f"{name}.prompt_embeds"])
-    np.testing.assert_array_equal(slots, np.array(G[f"{name}.image_pad_mask"])[0].astype(bool))
+    for text, key in ((c["prompt"], "prompt_embeds"), (c["negative_prompt"], "negative_embeds")):
+        if f"{name}.{key}" not in G:  # no negative, or no CFG
+            continue
+        embeds, slots = pipe.encode(text, pictures[1])
+        close(embeds, G[f"{name}.{key}"])
+        pad = "image_pad_mask" if key == "prompt_embeds" else "negative_image_pad_mask"
+        np.testing.assert_array_equal(slots, np.array(G[f"{name}.{pad}"])[0].astype(bool))
 
 
 def test_kv_cache_computes_only_the_target_after_the_first_step(pipe):
