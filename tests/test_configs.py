@@ -1,6 +1,7 @@
 """Sizes and flags come from the checkpoint's configs, as in diffusers: a tiny Qwen-Image with a z_dim-8 VAE (the
 transformer takes 32 channels), a transformer config with zero_cond_t, and CFG with texts of one length (run as one
-batch of two), each against diffusers' goldens (tests/fixtures/make_config_fixtures.py); flags qwen_nb does not
+batch of two), each against diffusers' goldens (tests/fixtures/make_config_fixtures.py); a VAE of three levels
+(spatial factor 4; tests/fixtures/make_vae4_fixtures.py); flags qwen_nb does not
 build are refused by name; components that do not fit each other are refused."""
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from PIL import Image
 
 from qwen_nb.pipeline import QwenImagePipeline
 
@@ -106,3 +108,38 @@ def test_components_that_do_not_fit_each_other_are_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "temperal_downsample": [False, True]}))
     with pytest.raises(ValueError, match="temperal_downsample has 2 entries.*needs len\\(dim_mult\\) - 1 = 3"):
         QwenImagePipeline.from_pretrained(folder, dtype=mx.float32, verbose=False)
+
+
+# a VAE of three levels (spatial factor 4): tests/fixtures/make_vae4_fixtures.py
+VAE4 = json.loads((CONFIGS / "vae4.json").read_text())
+VAE4_GOLDENS = mx.load(str(CONFIGS / "vae4.safetensors"))
+
+
+@pytest.mark.parametrize("c", VAE4["cases"], ids=[c["name"] for c in VAE4["cases"]])
+def test_vae_of_factor_4_matches_diffusers(tmp_path, c):
+    """dim_mult [1, 2, 2] and temperal_downsample [False, True]: diffusers' factor 2 ** 2 = 4, sizes in multiples
+    of 8 pixels; text-to-image with CFG at 40x24 and inpainting (the picture and mask resized to 56x40, the mask
+    packed at a quarter of the size) within 1e-5 at every step and 2/255 in pixels."""
+    pipe = QwenImagePipeline.from_pretrained(
+        assemble(tmp_path / "vae4", vae=CONFIGS / "vae4" / "vae"), dtype=mx.float32, verbose=False
+    )
+    assert (pipe.sizes.vae_factor, pipe.sizes.multiple) == (4, 8)
+    name, steps = c["name"], []
+    pictures = Path(__file__).parent / "fixtures" / "img2img"
+    extra = {}
+    if c["picture"] is not None:
+        extra = dict(image=Image.open(pictures / c["picture"]), mask_image=Image.open(pictures / c["mask"]))
+        extra["strength"] = c["strength"]
+    image = pipe.generate(
+        c["prompt"], c["negative_prompt"], c["height"], c["width"], c["steps"], c["cfg_scale"],
+        latents=VAE4_GOLDENS[f"{name}.noise"], progress=False, callback=lambda i, x: steps.append(np.array(x[0])),
+        **extra,
+    )  # fmt: skip
+    assert image.size == (c["width"], c["height"]) and len(steps) == c["steps_run"]
+    ref = np.array(VAE4_GOLDENS[f"{name}.latents"])
+    print(f"{name}: latents max|diff| {np.abs(np.stack(steps) - ref).max():.2e}")
+    np.testing.assert_allclose(np.stack(steps), ref, rtol=1e-5, atol=1e-5)
+    diff = int(np.abs(np.asarray(image).astype(int) - np.array(VAE4_GOLDENS[f"{name}.image"]).astype(int)).max())
+    assert diff <= 2, f"{name}: max pixel difference {diff}/255"
+    with pytest.raises(ValueError, match="height 36 is not a multiple of 8"):
+        pipe.generate("a fox", height=36, width=24, steps=1, progress=False)
