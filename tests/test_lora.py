@@ -124,6 +124,24 @@ def test_parity_with_diffusers_and_peft(case, schedule_modulation):
     assert_matches(*generate(pipe), GOLDENS[f"{case}.latents"], GOLDENS[f"{case}.image"])
 
 
+# more layouts diffusers reads (tests/fixtures/make_lora_extra_fixtures.py)
+EXTRA = json.loads((LORAS / "extra.json").read_text())["cases"]
+EXTRA_GOLDENS = mx.load(str(LORAS / "extra.safetensors"))
+
+
+@pytest.mark.parametrize("c", EXTRA, ids=[c["name"] for c in EXTRA])
+def test_more_layouts_match_diffusers(pipe, c):
+    """Mixed ranks with no alpha anywhere (scale 1 each), diffusion_model. lora_A/lora_B with per-module alphas,
+    peft's metadata with rank_pattern, alpha_pattern and rsLoRA, peft's `.default.` names: the scales diffusers gives
+    (every module's scaling checked by the fixture script), its latents at every step and its image."""
+    lora = pipe.load_lora(LORAS / c["file"])
+    try:
+        assert {m: w.scale for m, w in lora.modules.items()} == pytest.approx(c["applied_scale"], rel=1e-6)
+        assert_matches(*generate(pipe), EXTRA_GOLDENS[f"{c['name']}.latents"], EXTRA_GOLDENS[f"{c['name']}.image"])
+    finally:
+        pipe.unload_lora()
+
+
 def test_parity_with_separate_qkv():
     pipe = load_pipeline(fused_qkv=False)
     assert not pipe.transformer.transformer_blocks[0].attn.fused
