@@ -39,7 +39,7 @@ from .pipeline import (
 )
 from .qwen3_vl import Qwen3VLProcessor, Qwen3VLTextEncoder, composite_on_white, load_qwen3_vl
 from .sampling import Schedule
-from .scheduler import SchedulerConfig, euler_step
+from .scheduler import FLOW_MATCH_DEFAULTS, SchedulerConfig, euler_step
 from .transformer21 import (
     TOKENS_PER_SLOT,
     KVCache,
@@ -60,18 +60,6 @@ SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 # diffusers' templates: the prompt as the user turn; with pictures, each picture's slots before it
 TEMPLATE = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{{}}<|im_end|>\n<|im_start|>assistant\n"
 PICTURE = "<image{}><|vision_start|><|image_pad|><|vision_end|>"
-# FlowMatchEulerDiscreteScheduler's class defaults, for keys a scheduler_config.json leaves out
-FLOW_MATCH_DEFAULTS = dict(
-    num_train_timesteps=1000,
-    shift=1.0,
-    use_dynamic_shifting=False,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-    shift_terminal=None,
-    time_shift_type="exponential",
-)
 
 
 def calculate_dimensions(area: float, ratio: float) -> tuple[int, int]:

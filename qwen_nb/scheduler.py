@@ -15,10 +15,24 @@ import numpy as np
 
 from .loading import Config
 
+# FlowMatchEulerDiscreteScheduler's class defaults: what diffusers takes for a key a scheduler_config.json leaves out
+FLOW_MATCH_DEFAULTS = dict(
+    num_train_timesteps=1000,
+    shift=1.0,
+    use_dynamic_shifting=False,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+    shift_terminal=None,
+    time_shift_type="exponential",
+)
+
 
 @dataclass
 class SchedulerConfig(Config):
-    """`scheduler/scheduler_config.json` of Qwen/Qwen-Image (not the class defaults, which differ)."""
+    """`scheduler/scheduler_config.json` of Qwen/Qwen-Image (not the class defaults, which differ); `from_dict` fills
+    the keys a file leaves out with the class defaults, as diffusers does."""
 
     base_image_seq_len: int = 256
     max_image_seq_len: int = 8192
@@ -32,7 +46,7 @@ class SchedulerConfig(Config):
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
-        cfg = super().from_dict(d)
+        cfg = super().from_dict({**FLOW_MATCH_DEFAULTS, **d})
         unsupported = [
             k
             for k in (

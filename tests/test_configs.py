@@ -143,3 +143,37 @@ def test_vae_of_factor_4_matches_diffusers(tmp_path, c):
     assert diff <= 2, f"{name}: max pixel difference {diff}/255"
     with pytest.raises(ValueError, match="height 36 is not a multiple of 8"):
         pipe.generate("a fox", height=36, width=24, steps=1, progress=False)
+
+
+# scheduler configs other than the real one, some leaving keys out: tests/fixtures/make_scheduler_config_fixtures.py
+SCHEDULERS = json.loads((CONFIGS / "schedulers.json").read_text())
+SCHEDULER_GOLDENS = mx.load(str(CONFIGS / "schedulers.safetensors"))
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS["configs"]))
+def test_scheduler_configs_match_diffusers(tmp_path, name):
+    """A scheduler_config.json with no keys (diffusers' class defaults: no shifting), with only dynamic shifting and a
+    terminal sigma (base/max shift 0.5/1.15 over 256..4096 tokens by default), a static shift of 3, the linear
+    time shift: diffusers' sigmas for 1..50 steps at 12..10000 image tokens (within 1 float32 ulp), and its
+    latents (1e-5) and image (2/255) at 48x64."""
+    from qwen_nb.scheduler import SchedulerConfig, flow_match_sigmas
+
+    entry = SCHEDULERS["configs"][name]
+    config = SchedulerConfig.from_dict(entry["scheduler_config"])
+    for row in entry["table"]:
+        sigmas = flow_match_sigmas(row["steps"], row["tokens"], config)
+        np.testing.assert_allclose(sigmas, np.array(row["sigmas"], np.float32), rtol=2e-7, atol=1e-7, err_msg=str(row))
+    folder = assemble(tmp_path / name)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(entry["scheduler_config"]))
+    pipe = QwenImagePipeline.from_pretrained(folder, dtype=mx.float32, verbose=False)
+    r, steps = SCHEDULERS["run"], []
+    image = pipe.generate(
+        r["prompt"], r["negative_prompt"], r["height"], r["width"], r["steps"], r["cfg_scale"],
+        latents=SCHEDULER_GOLDENS[f"{name}.noise"], progress=False, callback=lambda i, x: steps.append(np.array(x[0])),
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        pipe.schedule(r["steps"], pipe.sizes.grid(r["height"], r["width"])).sigmas, entry["run_sigmas"], atol=1e-7
+    )
+    np.testing.assert_allclose(np.stack(steps), np.array(SCHEDULER_GOLDENS[f"{name}.latents"]), rtol=1e-5, atol=1e-5)
+    diff = int(np.abs(np.asarray(image).astype(int) - np.array(SCHEDULER_GOLDENS[f"{name}.image"]).astype(int)).max())
+    assert diff <= 2, f"{name}: max pixel difference {diff}/255"
