@@ -258,8 +258,8 @@ def test_long_prompt_is_cut_to_max_sequence_length_like_diffusers(capsys):
     )
 
 
-# prompts at and past max_sequence_length (512), odd latent grids, negative_prompt=None with cfg_scale > 1:
-# tests/fixtures/make_pipeline_long_fixtures.py
+# prompts at and past max_sequence_length (512), odd latent grids, negative_prompt=None with cfg_scale > 1, empty
+# texts: tests/fixtures/make_pipeline_long_fixtures.py
 LONG_GOLDENS = mx.load(str(FIXTURES / "long_prompts.safetensors"))
 LONG_CASES = json.loads((FIXTURES / "long_prompts.json").read_text())["cases"]
 
@@ -273,8 +273,8 @@ def pipe_b():
 def test_prompts_at_and_past_512_tokens_match_diffusers(pipe_b, c):
     """A 600-token prompt cut to 512 with no negative prompt at cfg_scale 4 (no CFG, as diffusers), a 512-token
     prompt against a 700-token negative cut to 512 (one length: batched CFG), 513 tokens against 40, at 80x48,
-    48x112 and 112x80 (odd latent grids): the cut embeddings' ends, every step's latents within 1e-5 (float32) and
-    the image within 2/255."""
+    48x112 and 112x80 (odd latent grids), and "" against "" (CFG, the template's 5 tokens each): the cut
+    embeddings' ends, every step's latents within 1e-5 (float32) and the image within 2/255."""
     name = c["name"]
     for text, key, n in (
         (c["prompt"], "prompt", c["embedded_tokens"]),
