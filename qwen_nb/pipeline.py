@@ -67,6 +67,7 @@ ASPECTS = {
     "2:3": (1056, 1584),
 }
 DEFAULT_SIZE = (1024, 1024)  # (height, width) for a checkpoint that does not say its native size
+DEFAULT_SAMPLE_SIZE = 128  # diffusers' default_sample_size: latent pixels a side; the default side is this x the VAE's
 DEFAULT_STEPS, DEFAULT_CFG = 20, 4.0
 
 # lightx2v's step-distilled Qwen-Image (ModelTC/Qwen-Image-Lightning): a LoRA per step count, the schedule it was
@@ -267,7 +268,8 @@ class Sizes:
                 f"the transformer predicts {transformer.out_channels} latent channels, but the VAE's z_dim is "
                 f"{vae.z_dim}: the two are not from one checkpoint"
             )
-        size = DEFAULT_SIZE if native is None else tuple(int(v) for v in native)
+        side = DEFAULT_SAMPLE_SIZE * vae.scale_factor  # 1024 for the real VAE's 8
+        size = (side, side) if native is None else tuple(int(v) for v in native)
         return cls(vae.z_dim, vae.scale_factor, transformer.patch_size, size, native is not None)
 
     @property
@@ -551,7 +553,8 @@ class QwenImagePipeline:
 
     @property
     def native_size(self) -> tuple[int, int]:
-        """(height, width) the checkpoint declares it was trained at, or 1024x1024."""
+        """(height, width) the checkpoint declares it was trained at, or diffusers' default: 128 x the VAE's
+        factor a side (1024x1024 for the real VAE)."""
         return self.sizes.native
 
     def materialize_transformer(self, progress: bool = False) -> None:

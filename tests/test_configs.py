@@ -119,11 +119,13 @@ VAE4_GOLDENS = mx.load(str(CONFIGS / "vae4.safetensors"))
 def test_vae_of_factor_4_matches_diffusers(tmp_path, c):
     """dim_mult [1, 2, 2] and temperal_downsample [False, True]: diffusers' factor 2 ** 2 = 4, sizes in multiples
     of 8 pixels; text-to-image with CFG at 40x24 and inpainting (the picture and mask resized to 56x40, the mask
-    packed at a quarter of the size) within 1e-5 at every step and 2/255 in pixels."""
+    packed at a quarter of the size) within 1e-5 at every step and 2/255 in pixels; without height/width the size
+    diffusers makes, 128 x the factor (512), not 1024."""
     pipe = QwenImagePipeline.from_pretrained(
         assemble(tmp_path / "vae4", vae=CONFIGS / "vae4" / "vae"), dtype=mx.float32, verbose=False
     )
     assert (pipe.sizes.vae_factor, pipe.sizes.multiple) == (4, 8)
+    assert pipe.native_size == tuple(VAE4["default_size"]) == (512, 512)  # diffusers: 128 x the factor
     name, steps = c["name"], []
     pictures = Path(__file__).parent / "fixtures" / "img2img"
     extra = {}
