@@ -43,7 +43,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "tiny_qwen21"
 FOLDER = FIXTURE / "pipeline"
 PICTURES = FIXTURE / "pictures"
 META = json.loads((FIXTURE / "goldens.json").read_text())
-# extra.*: a tall condition picture and two of different aspects, with CFG against a real negative prompt
+# extra.*: a tall condition picture, two and three of different aspects, with CFG against a real negative prompt
 # (tests/fixtures/make_qwen21_extra_fixtures.py)
 CASES = {c["name"]: c for c in META["cases"] + json.loads((FIXTURE / "extra.json").read_text())["cases"]}
 G = {**mx.load(str(FIXTURE / "goldens.safetensors")), **mx.load(str(FIXTURE / "extra.safetensors"))}
