@@ -25,8 +25,8 @@ from qwen_nb.vision import is_vision_tower
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_edit"
 CHECKPOINT = FIXTURE / "checkpoint"  # Edit-2509's layout (QwenImageEditPlusPipeline)
 PICTURES = FIXTURE / "pictures"
-# goldens.* from make_edit_fixtures.py; three_pictures.* (three pictures, the most -2509/2511 take) from
-# make_edit_three_fixtures.py
+# goldens.* from make_edit_fixtures.py; three_pictures.* (three pictures, the most -2509/2511 take; and
+# Qwen-Image-Edit at a given size of another aspect) from make_edit_three_fixtures.py
 GOLDENS = {k: v for f in ("goldens", "three_pictures") for k, v in mx.load(str(FIXTURE / f"{f}.safetensors")).items()}
 CASES = {
     c["name"]: c
