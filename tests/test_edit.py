@@ -150,6 +150,30 @@ def test_zero_cond_t_and_the_picture_frames_matter(pipes):
     assert np.abs(wrong - np.array(GOLDENS[f"{name}.latents"])).max() > 1e-4
 
 
+def test_lora_on_the_modulation_under_zero_cond_t_matches_diffusers(folders):
+    """Edit-2511 with a kohya LoRA on img_mod/txt_mod (so the condition tokens' timestep-0 row changes too), attention,
+    MLP and norm_out (make_edit_lora_fixtures.py): diffusers' latents within 1e-5 at every step, pixels within 2/255;
+    with the modulation up front (the default) and in the model."""
+    meta = json.loads((FIXTURE / "lora.json").read_text())
+    (c,) = meta["cases"]
+    golden = mx.load(str(FIXTURE / "lora.safetensors"))
+    for schedule_modulation in (True, False):
+        pipe = QwenImageEditPipeline.from_pretrained(
+            folders["plus", True], dtype=mx.float32, verbose=False, schedule_modulation=schedule_modulation
+        )
+        pipe.load_lora(FIXTURE / meta["lora"])
+        steps = []
+        image = pipe.generate(
+            c["prompt"], [Image.open(PICTURES / f"{p}.png") for p in c["pictures"]], c["negative_prompt"],
+            c["height"], c["width"], c["steps"], c["cfg_scale"], latents=golden[f"{c['name']}.noise"], progress=False,
+            callback=lambda i, x, steps=steps: steps.append(np.array(x[0])),
+        )  # fmt: skip
+        ref = np.array(golden[f"{c['name']}.latents"])
+        np.testing.assert_allclose(np.stack(steps), ref, rtol=1e-5, atol=1e-5)
+        diff = int(np.abs(np.asarray(image).astype(int) - np.array(golden[f"{c['name']}.image"]).astype(int)).max())
+        assert diff <= 2, f"max pixel difference {diff}/255"
+
+
 SETTINGS = {
     "baseline": dict(switches=Switches.baseline(), batched_cfg=False, schedule_modulation=False),
     "no_schedule_modulation": dict(schedule_modulation=False),
