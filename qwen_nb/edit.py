@@ -31,7 +31,7 @@ from .components import ComponentStore
 from .hub import resolve
 from .lora import _hub_file
 from .memory import MemoryLimit, activation_bytes, tensor_shapes
-from .pipeline import GenerationStats, QwenImagePipeline, check_size, materialize
+from .pipeline import GenerationStats, QwenImagePipeline, fit_size, materialize
 from .sampling import denoise, eval_every_blocks
 from .scheduler import pack_latents
 from .transformer import TransformerConfig
@@ -328,14 +328,15 @@ class QwenImageEditPipeline(QwenImagePipeline):
 
         `image`: one picture (a PIL image, a path or a uint8 array), or for Edit-2509/2511 a list of up to 3.
         height and width default to the last picture's aspect ratio at about 1024x1024 pixels (sides multiples of
-        32); given, they must be multiples of 16. negative_prompt, steps, cfg_scale, seed, latents (the noise
-        (1, C, H/8, W/8) before packing), callback, preview and interrupts work as in `QwenImagePipeline.generate`."""
+        32); given, they are rounded down to multiples of 16 (with a warning), as diffusers does. negative_prompt,
+        steps, cfg_scale, seed, latents (the noise (1, C, H/8, W/8) before packing), callback, preview and interrupts
+        work as in `QwenImagePipeline.generate`."""
         pictures = self.pictures(image)
         if height is None or width is None:
             auto_width, auto_height = calculate_dimensions(self.vae_area, pictures.last_ratio)
             height = auto_height if height is None else height
             width = auto_width if width is None else width
-        check_size(height, width, self.sizes.multiple)
+        height, width = fit_size(height, width, self.sizes.multiple)
         steps = self.defaults["steps"] if steps is None else steps
         cfg_scale = self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         self._check_request(prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every)

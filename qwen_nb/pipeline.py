@@ -115,6 +115,23 @@ def check_size(height, width, multiple: int = 16) -> None:
             )
 
 
+def fit_size(height, width, multiple: int = 16) -> tuple[int, int]:
+    """diffusers' rule for a requested size: each side rounded down to a multiple of `multiple` (the VAE's factor
+    times the patch size), with a warning; a side that is not an integer or is below `multiple` is a ValueError
+    (`check_size`'s, naming the nearest valid sizes). Returns (height, width) as generated."""
+    if not all(_is_int(v) and v >= multiple for v in (height, width)):
+        check_size(height, width, multiple)
+    fitted = (height // multiple * multiple, width // multiple * multiple)
+    if fitted != (height, width):
+        warnings.warn(
+            f"height and width must be multiples of {multiple} (the VAE's factor x the 2x2 patches): {width}x{height} "
+            f"(width x height) is generated at {fitted[1]}x{fitted[0]}, rounded down as diffusers does. The model "
+            f"card's sizes: {_presets()}.",
+            stacklevel=3,
+        )
+    return fitted
+
+
 def check_seed(seed) -> None:
     """ValueError unless `seed` is None or an integer in 0..2**64 - 1 (what mx.random.key takes)."""
     if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
@@ -756,11 +773,11 @@ class QwenImagePipeline:
 
     # ------------------------------------------------------------------ generation
     def _size(self, height, width) -> tuple[int, int]:
-        """The requested size, the native one where not given; warns once when a model trained at one size is
-        asked for another."""
+        """The requested size (rounded down to the size multiple, as diffusers does), the native one where not given;
+        warns once when a model trained at one size is asked for another."""
         height = self.native_size[0] if height is None else height
         width = self.native_size[1] if width is None else width
-        check_size(height, width, self.sizes.multiple)
+        height, width = fit_size(height, width, self.sizes.multiple)
         if self.sizes.native_declared and (height, width) != self.native_size and not self._warned_size:
             self._warned_size = True
             warnings.warn(

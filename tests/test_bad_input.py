@@ -26,14 +26,19 @@ def gen(pipe, **kw):
 
 
 # ---------------------------------------------------------------------------------------------- sizes
-@pytest.mark.parametrize(
-    "height, width, nearest",
-    [(1000, 1024, "use 992 or 1008"), (1024, 1030, "use 1024 or 1040"), (8, 64, "use 16")],
-)
-def test_size_not_a_multiple_of_16_suggests_nearest_and_presets(pipe, height, width, nearest):
+@pytest.mark.parametrize("height, width, fitted", [(40, 64, (32, 64)), (64, 70, (64, 64)), (47, 79, (32, 64))])
+def test_size_not_a_multiple_of_16_is_rounded_down_as_diffusers_does(pipe, height, width, fitted):
+    """diffusers rounds each side down to a multiple of vae_scale_factor * 2 (with a warning) and generates there."""
+    with pytest.warns(UserWarning, match=f"{width}x{height} .* generated at {fitted[1]}x{fitted[0]}, rounded down"):
+        image = gen(pipe, height=height, width=width)
+    assert image.size == (fitted[1], fitted[0])
+    assert np.array_equal(np.asarray(image), np.asarray(gen(pipe, height=fitted[0], width=fitted[1])))
+
+
+def test_size_below_16_suggests_the_nearest_and_presets(pipe):
     with pytest.raises(ValueError, match="not a multiple of 16") as e:
-        gen(pipe, height=height, width=width)
-    assert nearest in str(e.value)
+        gen(pipe, height=8, width=64)
+    assert "use 16" in str(e.value)
     assert "1:1 1328x1328" in str(e.value) and "16:9 1664x928" in str(e.value)
 
 
@@ -234,5 +239,5 @@ def test_weights_that_do_not_fit_the_config(copy):
 
 def test_bad_input_leaves_the_pipeline_usable(pipe):
     with pytest.raises(ValueError):
-        gen(pipe, height=33)
+        gen(pipe, height=8)
     assert gen(pipe).size == (32, 32)

@@ -380,8 +380,9 @@ def test_pictures_that_are_not_pictures(pipes, tmp_path):
         pipe.generate("x", 3, steps=1, progress=False)
     with pytest.raises(ValueError, match="numpy array must be uint8"):
         pipe.generate("x", np.zeros((8, 8, 3), np.float32), steps=1, progress=False)
-    with pytest.raises(ValueError, match="height 100 is not a multiple of 16"):
-        pipe.generate("x", Image.open(PICTURES / "wide.png"), height=100, width=96, steps=1, progress=False)
+    with pytest.warns(UserWarning, match="96x100 .* generated at 96x96, rounded down as diffusers does"):
+        edited = pipe.generate("x", Image.open(PICTURES / "wide.png"), height=100, width=96, steps=1, progress=False)
+    assert edited.size == (96, 96)
 
 
 def test_checkpoints_that_cannot_edit(tmp_path):

@@ -222,7 +222,7 @@ def test_panel_runs_in_a_thread_and_stop_interrupts_it(pipe):
 def test_panel_shows_errors_instead_of_losing_them(pipe):
     from qwen_nb.panel import Panel
 
-    p = Panel(pipe, prompt=PROMPT, steps=2, sizes={"bad": (60, 64)})
+    p = Panel(pipe, prompt=PROMPT, steps=2, sizes={"bad": (8, 64)})
     assert p.generate_now() is None
     assert isinstance(p.error, ValueError) and "multiple of 16" in p.status.value and p.done.is_set()
 
