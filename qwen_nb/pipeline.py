@@ -40,7 +40,6 @@ from .text_encoder import (
     MAX_TOKENS,
     QwenTextEncoder,
     TextEncoderConfig,
-    check_prompt_length,
     encode_prompt,
     load_text_encoder,
     prompt_length,
@@ -635,7 +634,6 @@ class QwenImagePipeline:
 
     def _check_length(self, text: str) -> None:
         n = prompt_length(self.tokenizer, text)
-        check_prompt_length(text, n)
         if n > self.options.max_sequence_length and self.options.verbose:
             print(
                 f"note: the prompt is {n} tokens; only the first {self.options.max_sequence_length} are used "

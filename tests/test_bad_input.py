@@ -111,18 +111,13 @@ def test_negative_prompt_not_a_string(pipe):
         gen(pipe, negative_prompt=["x"])
 
 
-def test_prompt_over_1024_tokens_gives_the_count(pipe):
-    builds = pipe.components.builds["text_encoder"]
+def test_prompt_over_1024_tokens_is_cut_as_diffusers_cuts_it(pipe):
+    """diffusers' tokenizer cuts the templated prompt at 1024 tokens after the drop, then max_sequence_length keeps
+    the first 512: two prompts alike in their first 1200 words give the same picture (a note, no error)."""
     prompt = "fox " * 1200
-    n = len(pipe.tokenizer.encode(prompt))
-    with pytest.raises(ValueError, match=r"the prompt is \d+ tokens long") as e:
-        gen(pipe, prompt=prompt + "!")
-    count = int(str(e.value).split("is ")[1].split(" tokens")[0])
-    assert count > 1024 and count >= n
-    assert "shorten it" in str(e.value)
-    with pytest.raises(ValueError, match="tokens long"):
-        gen(pipe, negative_prompt=prompt)
-    assert pipe.components.builds["text_encoder"] == builds  # refused before the text encoder was loaded
+    a = np.asarray(gen(pipe, prompt=prompt + "red", negative_prompt=prompt))
+    b = np.asarray(gen(pipe, prompt=prompt + "blue", negative_prompt=prompt + "green"))
+    assert np.array_equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------- loading
