@@ -188,7 +188,7 @@ def add_generate(subparsers) -> None:
         default=20,
         action=Given,
         help="denoising steps (default 20, N with --fast N; the model card uses 50; Qwen-Image 2.1: its author's "
-        "schedule)",
+        "schedule, which diffusers keeps whatever the steps say)",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument(

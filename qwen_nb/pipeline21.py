@@ -477,8 +477,9 @@ class QwenImage21Pipeline:
 
     # ------------------------------------------------------------------ sampling
     def sigmas_for(self, steps, sigmas) -> list:
-        """The sigmas given to the scheduler: `sigmas` when given, else the author's `sample_sigmas` (unless `steps`
-        asks for another count), else linspace(1, 1/steps, steps) as diffusers without sample_sigmas."""
+        """The sigmas given to the scheduler, as diffusers chooses them: `sigmas` when given, else the checkpoint
+        author's `sample_sigmas` (then `steps` is ignored, with a warning once, as diffusers ignores
+        num_inference_steps), else linspace(1, 1/steps, steps)."""
         if sigmas is not None:
             values = [float(s) for s in sigmas]
             if not values or not all(np.isfinite(values)) or not all(0 < s <= 1 for s in values):
@@ -486,16 +487,17 @@ class QwenImage21Pipeline:
                     f"sigmas must be a non-empty list of numbers in (0, 1] (the terminal 0 left out), got {sigmas!r}"
                 )
             return values
-        if self.sample_sigmas is not None and (steps is None or steps == len(self.sample_sigmas)):
+        if self.sample_sigmas is not None:
+            if steps is not None and steps != len(self.sample_sigmas) and not self._noted_steps:
+                self._noted_steps = True
+                warnings.warn(
+                    f"steps={steps} is ignored: this checkpoint's author set a {len(self.sample_sigmas)}-step schedule "
+                    "(sample_sigmas), which diffusers runs whatever num_inference_steps says; pass sigmas=[...] "
+                    f"(e.g. numpy.linspace(1, 1 / {steps}, {steps})) for a schedule of your own",
+                    stacklevel=3,
+                )
             return self.sample_sigmas
         steps = DEFAULT_STEPS if steps is None else steps
-        if self.sample_sigmas is not None and self.options.verbose and not self._noted_steps:
-            self._noted_steps = True
-            print(
-                f"note: steps={steps} replaces the checkpoint author's {len(self.sample_sigmas)}-step sample_sigmas "
-                "with linspace(1, 1/steps, steps) (diffusers ignores num_inference_steps when sample_sigmas is set; "
-                "pass sigmas= for a schedule of your own)"
-            )
         return np.linspace(1.0, 1 / steps, steps).tolist()
 
     def schedule(self, steps, sigmas, image_seq_len: int) -> Schedule:

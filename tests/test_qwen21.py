@@ -433,8 +433,12 @@ def test_seed_draws_unpacked_noise_and_defaults(pipe):
                       progress=False)  # fmt: skip
     assert np.array_equal(np.asarray(a), np.asarray(b)) and a.mode == "RGBA"
     assert pipe.last_stats.steps == len(META["sample_sigmas"])  # the author's sample_sigmas by default
-    pipe.generate("a fox", height=32, width=32, steps=2, seed=0, progress=False)
-    assert pipe.last_stats.steps == 2
+    pipe._noted_steps = False
+    with pytest.warns(UserWarning, match="steps=2 is ignored: .* 4-step schedule"):  # as diffusers ignores it
+        pipe.generate("a fox", height=32, width=32, steps=2, seed=0, progress=False)
+    assert pipe.last_stats.steps == len(META["sample_sigmas"])
+    pipe.generate("a fox", height=32, width=32, sigmas=[1.0, 0.5], seed=0, progress=False)
+    assert pipe.last_stats.steps == 2  # sigmas= sets a schedule of one's own
     stats = str(pipe.last_stats)
     assert "2 steps" in stats and "peak memory" in stats
 
