@@ -31,7 +31,7 @@ from .components import ComponentStore
 from .hub import resolve
 from .lora import _hub_file
 from .memory import MemoryLimit, activation_bytes, tensor_shapes
-from .pipeline import GenerationStats, QwenImagePipeline, fit_size, materialize
+from .pipeline import GenerationStats, QwenImagePipeline, check_sigmas, fit_size, materialize
 from .sampling import denoise, eval_every_blocks
 from .scheduler import pack_latents
 from .transformer import TransformerConfig
@@ -322,6 +322,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         progress: bool = True,
         preview=None,
         preview_every: int = 1,
+        sigmas=None,
     ):
         """The edited picture, as diffusers' QwenImageEditPipeline / QwenImageEditPlusPipeline(image=image,
         prompt=prompt, negative_prompt=..., true_cfg_scale=cfg_scale, ...).
@@ -329,15 +330,16 @@ class QwenImageEditPipeline(QwenImagePipeline):
         `image`: one picture (a PIL image, a path or a uint8 array), or for Edit-2509/2511 a list of up to 3.
         height and width default to the last picture's aspect ratio at about 1024x1024 pixels (sides multiples of
         32); given, they are rounded down to multiples of 16 (with a warning), as diffusers does. negative_prompt,
-        steps, cfg_scale, seed, latents (the noise (1, C, H/8, W/8) before packing), callback, preview and interrupts
-        work as in `QwenImagePipeline.generate`."""
+        steps, cfg_scale, seed, latents (the noise (1, C, H/8, W/8) before packing), callback, preview, interrupts and
+        sigmas work as in `QwenImagePipeline.generate`."""
         pictures = self.pictures(image)
         if height is None or width is None:
             auto_width, auto_height = calculate_dimensions(self.vae_area, pictures.last_ratio)
             height = auto_height if height is None else height
             width = auto_width if width is None else width
         height, width = fit_size(height, width, self.sizes.multiple)
-        steps = self.defaults["steps"] if steps is None else steps
+        sigmas = check_sigmas(sigmas)
+        steps = len(sigmas) if sigmas is not None else self.defaults["steps"] if steps is None else steps
         cfg_scale = self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         self._check_request(prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every)
         if latents is None and seed is None:
@@ -347,7 +349,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
         self._check_memory_at(height, width, sum(h * w for h, w in grids))
         do_cfg = cfg_scale > 1 and negative_prompt is not None
         grid = self.sizes.grid(height, width)
-        schedule = self.schedule(steps, grid)  # the shift from the noise tokens alone, as diffusers
+        schedule = self.schedule(steps, grid, sigmas=sigmas)  # the shift from the noise tokens alone, as diffusers
         stats = self.last_stats = GenerationStats(seed if latents is None else None, height, width, steps, do_cfg)
 
         with MemoryLimit(self.options.memory_limit_gb) as limit, stats.running():

@@ -131,6 +131,21 @@ def fit_size(height, width, multiple: int = 16) -> tuple[int, int]:
     return fitted
 
 
+def check_sigmas(sigmas) -> list | None:
+    """None, or `sigmas` as a list of floats in (0, 1] (the terminal 0 left out), else a ValueError."""
+    if sigmas is None:
+        return None
+    try:
+        values = [float(s) for s in np.asarray(sigmas, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError):
+        values = []
+    if not values or not all(np.isfinite(values)) or not all(0 < s <= 1 for s in values):
+        raise ValueError(
+            f"sigmas must be a non-empty list of numbers in (0, 1] (the terminal 0 left out), got {sigmas!r}"
+        )
+    return values
+
+
 def check_seed(seed) -> None:
     """ValueError unless `seed` is None or an integer in 0..2**64 - 1 (what mx.random.key takes)."""
     if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
@@ -680,9 +695,9 @@ class QwenImagePipeline:
         return cond, uncond
 
     # ------------------------------------------------------------------ sampling
-    def schedule(self, steps: int, grid: tuple[int, int], strength: float = 1.0) -> Schedule:
-        """The schedule of a generation of `steps` on a (h, w) patch grid."""
-        return Schedule.make(self.scheduler_config, steps, grid[0] * grid[1], strength)
+    def schedule(self, steps: int, grid: tuple[int, int], strength: float = 1.0, sigmas=None) -> Schedule:
+        """The schedule of a generation of `steps` (or of the given `sigmas`) on a (h, w) patch grid."""
+        return Schedule.make(self.scheduler_config, steps, grid[0] * grid[1], strength, sigmas)
 
     def modulation_table(self, schedule: Schedule):
         """Every step's modulation for `schedule` (a ModulationTable, evaluated), or None when the pipeline computes
@@ -810,6 +825,7 @@ class QwenImagePipeline:
         preview=None,
         preview_every: int = 1,
         num_images: int | None = None,
+        sigmas=None,
     ):
         """One image, as diffusers' QwenImagePipeline(prompt, negative_prompt, true_cfg_scale=cfg_scale, ...).
 
@@ -836,9 +852,13 @@ class QwenImagePipeline:
 
         `num_images=K`: K pictures of the prompt from seeds seed, seed + 1, ..., seed + K - 1 (each the picture that
         seed alone gives), denoised as one batch, returned as a list (K = 1 too). Under `parallel` (see
-        qwen_nb.distributed) rank 0 returns the pictures and the other ranks None."""
+        qwen_nb.distributed) rank 0 returns the pictures and the other ranks None.
+
+        `sigmas`: a schedule of one's own in place of linspace(1, 1/steps, steps), as diffusers' `sigmas=` (then
+        the scheduler shifts them as usual and steps = len(sigmas))."""
         height, width = self._size(height, width)
-        steps = self.defaults["steps"] if steps is None else steps
+        sigmas = check_sigmas(sigmas)
+        steps = len(sigmas) if sigmas is not None else self.defaults["steps"] if steps is None else steps
         cfg_scale = self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         self._check_request(prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every)
         count = self._check_count(num_images, seed, latents, image)
@@ -864,7 +884,7 @@ class QwenImagePipeline:
         pair = par if par is not None and par.mode == "cfg" and do_cfg else None
         progress = progress and (par is None or par.is_main)
         grid = self.sizes.grid(height, width)
-        schedule = self.schedule(steps, grid, 1.0 if picture is None else strength)
+        schedule = self.schedule(steps, grid, 1.0 if picture is None else strength, sigmas)
         run = schedule.steps_run  # img2img skips the first steps
         stats = self.last_stats = GenerationStats(seed if latents is None else None, height, width, run, do_cfg)
 

@@ -34,12 +34,13 @@ from .pipeline import (
     PipelineOptions,
     _is_int,
     check_seed,
+    check_sigmas,
     check_size,
     materialize,
 )
 from .qwen3_vl import Qwen3VLProcessor, Qwen3VLTextEncoder, composite_on_white, load_qwen3_vl
 from .sampling import Schedule
-from .scheduler import FLOW_MATCH_DEFAULTS, SchedulerConfig, euler_step
+from .scheduler import FLOW_MATCH_DEFAULTS, SchedulerConfig, euler_step, flow_match_sigmas
 from .transformer21 import (
     TOKENS_PER_SLOT,
     KVCache,
@@ -86,22 +87,8 @@ def drop_count(processor: Qwen3VLProcessor) -> int:
 def sigma_schedule(sigmas, image_seq_len: int, config: SchedulerConfig) -> np.ndarray:
     """The steps + 1 sigmas (float32, ending in 0) of `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=, mu=)`
     as QwenImage21Pipeline calls it: the given sigmas shifted (mu from the target's token count), stretched to end at
-    shift_terminal. At one step the stretch is 0/0 (diffusers makes NaN): it is skipped, as qwen_nb.scheduler does."""
-    s = np.asarray(sigmas, dtype=np.float64).astype(np.float32)
-    if config.use_dynamic_shifting:
-        m = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
-        mu = image_seq_len * m + (config.base_shift - m * config.base_image_seq_len)
-        s = (
-            math.exp(mu) / (math.exp(mu) + (1 / s - 1))
-            if config.time_shift_type == "exponential"
-            else mu / (mu + (1 / s - 1))
-        )
-    else:
-        s = config.shift * s / (1 + (config.shift - 1) * s)
-    if config.shift_terminal and len(s) > 1:
-        one_minus = 1 - s
-        s = 1 - one_minus / (one_minus[-1] / (1 - config.shift_terminal))
-    return np.concatenate([s.astype(np.float32), np.zeros(1, np.float32)])
+    shift_terminal (skipped at one step, where diffusers makes NaN: see qwen_nb.scheduler)."""
+    return flow_match_sigmas(len(sigmas), image_seq_len, config, sigmas=sigmas)
 
 
 def read_scheduler(folder: Path) -> SchedulerConfig:
@@ -481,12 +468,7 @@ class QwenImage21Pipeline:
         author's `sample_sigmas` (then `steps` is ignored, with a warning once, as diffusers ignores
         num_inference_steps), else linspace(1, 1/steps, steps)."""
         if sigmas is not None:
-            values = [float(s) for s in sigmas]
-            if not values or not all(np.isfinite(values)) or not all(0 < s <= 1 for s in values):
-                raise ValueError(
-                    f"sigmas must be a non-empty list of numbers in (0, 1] (the terminal 0 left out), got {sigmas!r}"
-                )
-            return values
+            return check_sigmas(sigmas)
         if self.sample_sigmas is not None:
             if steps is not None and steps != len(self.sample_sigmas) and not self._noted_steps:
                 self._noted_steps = True

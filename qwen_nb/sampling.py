@@ -44,11 +44,15 @@ class Schedule:
     num_train_timesteps: int = 1000
 
     @classmethod
-    def make(cls, config: SchedulerConfig, steps: int, image_seq_len: int, strength: float = 1.0) -> "Schedule":
-        """The flow-match schedule for `steps` at `image_seq_len` image tokens. With `strength` < 1 (img2img) the
-        first steps are skipped as diffusers' `get_timesteps` skips them (`first_step`); the sigmas stay those of
-        all `steps`, so img2img starts at sigmas[start]."""
-        sigmas = flow_match_sigmas(steps, image_seq_len, config)
+    def make(
+        cls, config: SchedulerConfig, steps: int, image_seq_len: int, strength: float = 1.0, sigmas=None
+    ) -> "Schedule":
+        """The flow-match schedule for `steps` at `image_seq_len` image tokens (or for the given `sigmas`, as
+        diffusers' `sigmas=`: then steps = len(sigmas)). With `strength` < 1 (img2img) the first steps are skipped
+        as diffusers' `get_timesteps` skips them (`first_step`); the sigmas stay those of all `steps`, so img2img
+        starts at sigmas[start]."""
+        steps = steps if sigmas is None else len(sigmas)
+        sigmas = flow_match_sigmas(steps, image_seq_len, config, sigmas)
         check_strength(strength, steps)
         return cls(sigmas, first_step(steps, strength), config.num_train_timesteps)
 

@@ -89,12 +89,18 @@ def calculate_shift(image_seq_len: int, cfg: SchedulerConfig) -> float:
     return image_seq_len * m + (cfg.base_shift - m * cfg.base_image_seq_len)
 
 
-def flow_match_sigmas(steps: int, image_seq_len: int, cfg: SchedulerConfig | None = None) -> np.ndarray:
-    """The steps + 1 sigmas, float32, ending in 0, exactly as diffusers computes them (one step aside: below)."""
+def flow_match_sigmas(steps: int, image_seq_len: int, cfg: SchedulerConfig | None = None, sigmas=None) -> np.ndarray:
+    """The steps + 1 sigmas, float32, ending in 0, exactly as diffusers computes them (one step aside: below):
+    linspace(1, 1/steps, steps), or the given `sigmas` (a pipeline's `sigmas=`, then steps = len(sigmas)), shifted
+    for `image_seq_len` image tokens and stretched to end at shift_terminal."""
     cfg = cfg or SchedulerConfig()
-    if steps < 1:
+    if sigmas is not None:
+        s = np.asarray(sigmas, dtype=np.float64).astype(np.float32)
+        steps = len(s)
+    elif steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+    else:
+        s = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
     if cfg.use_dynamic_shifting:
         mu = calculate_shift(image_seq_len, cfg)
         if cfg.time_shift_type == "exponential":

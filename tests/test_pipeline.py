@@ -614,3 +614,34 @@ def test_bf16_sigma_is_rounded_as_diffusers_rounds_it():
     np.testing.assert_array_equal(np.concatenate(scheduled), expected)
     assert not np.array_equal(expected, bf16_round(t / np.float32(1000)))  # the two roundings differ here
     assert np.asarray(image).std() > 10  # a bfloat16 run gives an image, not a flat or NaN one
+
+
+# ---------------------------------------------------------------------------------------------- custom sigmas
+SIGMA_GOLDENS = mx.load(str(FIXTURES / "custom_sigmas.safetensors"))
+SIGMA_CASES = json.loads((FIXTURES / "custom_sigmas.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("c", SIGMA_CASES, ids=[c["name"] for c in SIGMA_CASES])
+def test_sigmas_of_ones_own_match_diffusers(pipe_b, c):
+    """generate(sigmas=[...]) as diffusers' QwenImagePipeline(sigmas=...): the given sigmas shifted for the image's
+    tokens, stretched to the terminal sigma, steps = len(sigmas), with CFG at 48x80 and without CFG on sigmas that
+    do not start at 1: the scheduler's sigmas, every step's latents within 1e-5 and the image within 2/255."""
+    name = c["name"]
+    grid = pipe_b.sizes.grid(c["height"], c["width"])
+    ours = pipe_b.schedule(99, grid, sigmas=c["sigmas"]).sigmas  # steps is ignored when sigmas are given
+    np.testing.assert_allclose(ours, np.array(SIGMA_GOLDENS[f"{name}.scheduler_sigmas"]), rtol=0, atol=1e-6)
+    steps = []
+    image = pipe_b.generate(
+        c["prompt"], c["negative_prompt"], c["height"], c["width"], cfg_scale=c["cfg_scale"], sigmas=c["sigmas"],
+        latents=SIGMA_GOLDENS[f"{name}.noise"], progress=False, callback=lambda i, x: steps.append(np.array(x[0])),
+    )  # fmt: skip
+    assert len(steps) == c["steps"] == len(c["sigmas"])
+    np.testing.assert_allclose(np.stack(steps), np.array(SIGMA_GOLDENS[f"{name}.latents"]), rtol=1e-5, atol=1e-5)
+    diff = int(np.abs(np.asarray(image).astype(int) - np.array(SIGMA_GOLDENS[f"{name}.image"]).astype(int)).max())
+    assert diff <= 2, f"max pixel difference {diff}/255"
+
+
+@pytest.mark.parametrize("bad", [[], [0.5, 0.0], [1.2], ["a"], [float("nan")]])
+def test_bad_sigmas_name_the_rule(pipe_b, bad):
+    with pytest.raises(ValueError, match=r"sigmas must be a non-empty list of numbers in \(0, 1\]"):
+        pipe_b.generate("a fox", height=32, width=32, sigmas=bad, progress=False)
