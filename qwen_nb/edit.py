@@ -31,7 +31,7 @@ from .components import ComponentStore
 from .hub import resolve
 from .lora import _hub_file
 from .memory import MemoryLimit, activation_bytes, tensor_shapes
-from .pipeline import GenerationStats, QwenImagePipeline, check_sigmas, fit_size, materialize
+from .pipeline import GenerationStats, QwenImagePipeline, fit_size, materialize
 from .sampling import denoise, eval_every_blocks
 from .scheduler import pack_latents
 from .transformer import TransformerConfig
@@ -338,8 +338,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             height = auto_height if height is None else height
             width = auto_width if width is None else width
         height, width = fit_size(height, width, self.sizes.multiple)
-        sigmas = check_sigmas(sigmas)
-        steps = len(sigmas) if sigmas is not None else self.defaults["steps"] if steps is None else steps
+        steps, sigmas = self._steps(steps, sigmas)
         cfg_scale = self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         self._check_request(prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every)
         if latents is None and seed is None:

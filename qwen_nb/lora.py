@@ -26,6 +26,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers import distributed
 
 from .attention import FUSED_PROJECTIONS, split_rows
 from .hub import HubError, _gb, looks_like_repo_id
@@ -468,11 +469,7 @@ def _set_module(root, path: str, module) -> None:
 
 
 def _is_linear(m) -> bool:
-    from mlx.nn.layers import distributed  # a rank's part of a linear (qwen_nb.distributed, parallel="tensor")
-
-    sharded = (distributed.AllToShardedLinear, distributed.ShardedToAllLinear)
-    sharded += (distributed.QuantizedAllToShardedLinear, distributed.QuantizedShardedToAllLinear)
-    return isinstance(m, (nn.Linear, nn.QuantizedLinear, LoRALinear, *sharded))
+    return isinstance(m, LINEARS)
 
 
 def _locate(model, path: str):
@@ -526,6 +523,18 @@ class LoRALinear(nn.Module):
 
 
 _versions = itertools.count(1)
+
+
+# the linears a LoRA can target, a rank's part of one too (qwen_nb.distributed, parallel="tensor")
+LINEARS = (
+    nn.Linear,
+    nn.QuantizedLinear,
+    LoRALinear,
+    distributed.AllToShardedLinear,
+    distributed.ShardedToAllLinear,
+    distributed.QuantizedAllToShardedLinear,
+    distributed.QuantizedShardedToAllLinear,
+)
 
 
 class LoraStack:

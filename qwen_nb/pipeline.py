@@ -647,9 +647,12 @@ class QwenImagePipeline:
     def _key(self, text: str):
         return (text, self.options.max_sequence_length)
 
-    def _check_length(self, text: str) -> None:
+    def _note_length(self, text: str) -> None:
+        """With `verbose`, a note when a prompt is longer than the max_sequence_length tokens kept."""
+        if not self.options.verbose:
+            return
         n = prompt_length(self.tokenizer, text)
-        if n > self.options.max_sequence_length and self.options.verbose:
+        if n > self.options.max_sequence_length:
             print(
                 f"note: the prompt is {n} tokens; only the first {self.options.max_sequence_length} are used "
                 "(max_sequence_length, as in diffusers)"
@@ -663,7 +666,7 @@ class QwenImagePipeline:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        self._check_length(text)
+        self._note_length(text)
         if not self.components.loaded("text_encoder") and not self.keep_text_encoder:
             self.components.release("transformer")  # sequenced: the two large models are never resident together
         embeds, mask = encode_prompt(self.tokenizer, self.text_encoder, text, self.options.max_sequence_length)
@@ -676,11 +679,9 @@ class QwenImagePipeline:
 
     def encode_prompts(self, prompt: str, negative_prompt: str | None, stats=None, progress: bool = False):
         """(cond, uncond) embeddings; uncond is None without a negative prompt. Frees the text encoder afterwards
-        when the pipeline runs sequenced. Both prompts are checked before the text encoder is loaded."""
+        when the pipeline runs sequenced."""
         texts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
         missing = [t for t in texts if self._key(t) not in self._cache]
-        for t in missing:
-            self._check_length(t)
         stats = stats or GenerationStats(None, 0, 0, 0, False)
         if missing:
             with stats.stage("text_weights", "load_s"):
@@ -857,8 +858,7 @@ class QwenImagePipeline:
         `sigmas`: a schedule of one's own in place of linspace(1, 1/steps, steps), as diffusers' `sigmas=` (then
         the scheduler shifts them as usual and steps = len(sigmas))."""
         height, width = self._size(height, width)
-        sigmas = check_sigmas(sigmas)
-        steps = len(sigmas) if sigmas is not None else self.defaults["steps"] if steps is None else steps
+        steps, sigmas = self._steps(steps, sigmas)
         cfg_scale = self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale
         self._check_request(prompt, negative_prompt, steps, cfg_scale, seed, preview, preview_every)
         count = self._check_count(num_images, seed, latents, image)
@@ -914,6 +914,14 @@ class QwenImagePipeline:
         return images[0] if num_images is None else images
 
     __call__ = generate
+
+    def _steps(self, steps, sigmas) -> tuple:
+        """(steps, sigmas) of a request: len(sigmas) steps when sigmas are given (checked), else `steps` or the
+        pipeline's default."""
+        sigmas = check_sigmas(sigmas)
+        if sigmas is not None:
+            return len(sigmas), sigmas
+        return (self.defaults["steps"] if steps is None else steps), None
 
     def _check_count(self, num_images, seed, latents, image) -> int:
         """The number of pictures asked for (1 when num_images is None), checked against the other inputs."""
