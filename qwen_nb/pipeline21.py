@@ -414,20 +414,16 @@ class QwenImage21Pipeline:
         memory plan made at `from_pretrained` left the tower out: checked again with it before anything is read."""
         plan = self.memory_plan
         if not self._vision and self.options.check_memory and plan is not None:
-            with_vision = {
-                b: plan_memory(
-                    self.folder,
-                    self.dtype,
-                    b,
-                    plan.keep_text_encoder or None,
-                    *plan.size,
-                    budget=plan.budget,
-                    schedule_modulation=False,
-                    vision=True,
-                )
-                for b in (self.options.quantize, 8, 4)
-            }
-            with_vision[self.options.quantize].check({b: q for b, q in with_vision.items() if b})
+
+            def with_vision(bits):
+                return plan_memory(
+                    self.folder, self.dtype, bits, plan.keep_text_encoder or None, *plan.size, budget=plan.budget,
+                    schedule_modulation=False, vision=True,
+                )  # fmt: skip
+
+            needed = with_vision(self.options.quantize)
+            if not needed.fits:  # the alternatives only for the error's advice, as from_pretrained does
+                needed.check({b: with_vision(b) for b in (8, 4)})
         self._vision = True
         if self.components.loaded("text_encoder") and not self.text_encoder.has_vision:
             self.components.release("text_encoder")
