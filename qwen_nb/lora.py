@@ -18,6 +18,7 @@ into the weights (`fuse`, exactly undone by `unfuse`), merged into high-precisio
 
 import itertools
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -561,6 +562,14 @@ class LoraStack:
         self.entries = []
         self.version = next(_versions)
 
+    def remove(self, lora: LoRA) -> None:
+        """Take one LoRA (the object `add` got) out of the stack; the others keep their scales."""
+        kept = [(lo, s) for lo, s in self.entries if lo is not lora]
+        if len(kept) == len(self.entries):
+            raise ValueError(f"{lora!r} is not loaded: pass what load_lora returned, or nothing to unload them all")
+        self.entries = kept
+        self.version = next(_versions)
+
     @property
     def targets(self) -> list[str]:
         return sorted({t for lora, _ in self.entries for t in lora.modules})
@@ -761,6 +770,36 @@ class LoraStack:
                 )
             out[key] = (w.astype(mx.float32) + self.delta(t)).astype(w.dtype)
         return out
+
+
+class LoraMethods:
+    """`load_lora` / `unload_lora` of a pipeline holding `loras` (a LoraStack), `transformer`, `options` and a
+    `_loras_changed()` that puts the stack into its transformer (Qwen-Image's pipelines and 2.1's)."""
+
+    def load_lora(self, source, scale: float = 1.0, weight_name: str | None = None, **read_options) -> LoRA:
+        """Add a LoRA (a .safetensors file, a folder holding one, or a hub repo id: only that file is downloaded)
+        with its own `scale`; calls stack. Formats: diffusers/peft, lora_down/lora_up with alpha (the Lightning
+        release, most trainers), kohya's flattened names. From a checkpoint the updates are merged into the weights
+        as they are read (the transformer is read again; quantized ones are merged before quantizing, or run as
+        adapters with `lora_adapters=True`); a model given in memory is fused in place. Returns the LoRA (for
+        `unload_lora(lora)`)."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        lora = read_lora(source, weight_name, verbose=self.options.verbose, **read_options)
+        self.loras.check(self.transformer, lora)
+        self.loras.add(lora, scale)
+        self._loras_changed()
+        return lora
+
+    def unload_lora(self, lora: LoRA | None = None) -> None:
+        """Remove every LoRA: the base weights again, exactly (read again from the checkpoint, or put back). With
+        `lora` (what `load_lora` returned) only that one; the others stay with their scales."""
+        if lora is not None:
+            self.loras.remove(lora)
+            self._loras_changed()
+        elif len(self.loras):
+            self.loras.clear()
+            self._loras_changed()
 
 
 def _restore_arrays(model, mpath: str, saved: dict) -> None:

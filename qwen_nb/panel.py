@@ -168,11 +168,8 @@ class Panel:
         if steps == self._fast:
             return
         pipe = self.pipe
-        if self._fast is not None:  # the Lightning LoRA out, the others read again
-            keep = [(lora.source, s) for lora, s in pipe.loras.entries if lora is not self._lightning_lora]
-            pipe.unload_lora()
-            for source, scale in keep:
-                pipe.load_lora(source, scale)
+        if self._fast is not None:  # the Lightning LoRA out; the others stay
+            pipe.unload_lora(self._lightning_lora)
             pipe.use_base_schedule()
             self._fast, self._lightning_lora = None, None
         if steps is not None:

@@ -30,7 +30,7 @@ from .checkpoint import save_pipeline
 from .components import ComponentStore, as_builder
 from .hub import resolve
 from .loading import read_config
-from .lora import LoRA, LoraStack, read_lora
+from .lora import LoraMethods, LoraStack
 from .memory import MemoryLimit, MemoryPlan, activation_bytes, check_memory_limit, plan_memory
 from .quantize import check_bits
 from .sampling import Schedule, check_strength, denoise, eval_every_blocks
@@ -324,7 +324,7 @@ def native_size(folder: Path):
     return tuple(value)
 
 
-class QwenImagePipeline:
+class QwenImagePipeline(LoraMethods):
     """Qwen-Image text-to-image: `from_pretrained(...)`, then `generate(prompt) -> PIL.Image`."""
 
     reads_pictures = False  # the edit pipelines' (qwen_nb.edit): the text encoder's vision tower is read too
@@ -593,26 +593,6 @@ class QwenImagePipeline:
         materialize(self.transformer, "reading the transformer" if progress else None)
 
     # ------------------------------------------------------------------ LoRA and the step-distilled schedule
-    def load_lora(self, source, scale: float = 1.0, weight_name: str | None = None, **read_options) -> LoRA:
-        """Add a LoRA (a .safetensors file, a folder holding one, or a hub repo id: only that file is downloaded)
-        with its own `scale`; calls stack. Formats: diffusers/peft, lora_down/lora_up with alpha (the Lightning
-        release, most trainers), kohya's flattened names. From a checkpoint the updates are merged into the weights
-        as they are read (the transformer is read again; quantized ones are merged before quantizing, or run as
-        adapters with `lora_adapters=True`); a LoRA on the modulation goes into the schedule's modulation table."""
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
-            raise ValueError(f"scale must be a finite number, got {scale!r}")
-        lora = read_lora(source, weight_name, verbose=self.options.verbose, **read_options)
-        self.loras.check(self.transformer, lora)
-        self.loras.add(lora, scale)
-        self._loras_changed()
-        return lora
-
-    def unload_lora(self) -> None:
-        """Remove every LoRA: the base weights again, exactly (read again from the checkpoint, or put back)."""
-        if len(self.loras):
-            self.loras.clear()
-            self._loras_changed()
-
     def _loras_changed(self) -> None:
         self._table = None  # a LoRA may change the modulation
         if self.folder is not None or self._rebuildable:

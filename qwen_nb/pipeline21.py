@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .components import ComponentStore, as_builder
 from .loading import CheckpointError, read_config, weight_files
-from .lora import LoRA, LoraStack, read_lora
+from .lora import LoraMethods, LoraStack
 from .memory import MemoryLimit, MemoryPlan, activation_bytes, plan_memory
 from .pipeline import (
     GenerationInterrupted,
@@ -160,7 +160,7 @@ def resolve21(repo_id_or_folder, revision=None, cache_dir=None, verbose: bool = 
     return check_pipeline21_folder(download(s, revision=revision, cache_dir=cache_dir, verbose=verbose, vision=True))
 
 
-class QwenImage21Pipeline:
+class QwenImage21Pipeline(LoraMethods):
     """Qwen-Image 2.1: `from_pretrained(...)`, then `generate(prompt, image=None) -> PIL.Image` (RGBA)."""
 
     reads_pictures = True  # condition pictures, optional (qwen_nb.panel shows a picture upload)
@@ -330,25 +330,6 @@ class QwenImage21Pipeline:
         return self.vae.config.scale_factor
 
     # ------------------------------------------------------------------ LoRA
-    def load_lora(self, source, scale: float = 1.0, weight_name: str | None = None, **read_options) -> LoRA:
-        """Add a LoRA on the 2.1 transformer (a .safetensors file, a folder holding one, or a hub repo id), in
-        diffusers/peft names (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`: the Lightning 2.1 LoRA's
-        format) or lora_down/lora_up; it is merged into the weights as they are read (before quantizing), or fused
-        in place into a model given in memory."""
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
-            raise ValueError(f"scale must be a finite number, got {scale!r}")
-        lora = read_lora(source, weight_name, verbose=self.options.verbose, **read_options)
-        self.loras.check(self.transformer, lora)
-        self.loras.add(lora, scale)
-        self._loras_changed()
-        return lora
-
-    def unload_lora(self) -> None:
-        """Remove every LoRA: the base weights again, exactly."""
-        if len(self.loras):
-            self.loras.clear()
-            self._loras_changed()
-
     def _loras_changed(self) -> None:
         if self.folder is not None or self._rebuildable:
             self.components.release("transformer")

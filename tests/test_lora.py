@@ -161,6 +161,21 @@ def test_a_modulation_lora_renews_the_schedule_table_and_unload_restores_it():
     assert_matches(*generate(pipe), BASE[f"{BASE_CASE}.latents"], BASE[f"{BASE_CASE}.image"])
 
 
+def test_unloading_one_lora_keeps_the_others():
+    """unload_lora(lora) takes out the one LoRA load_lora returned: a modulation LoRA loaded over the 'lightning'
+    case and taken out again leaves diffusers' 'lightning' picture; taking that out too, the base picture."""
+    pipe = load_pipeline()
+    lightning = pipe.load_lora(LORAS / "lightning_attn_mlp.safetensors", 1.0)
+    extra = pipe.load_lora(LORAS / "kohya_modulation.safetensors", 1.0)
+    pipe.unload_lora(extra)
+    assert_matches(*generate(pipe), GOLDENS["lightning.latents"], GOLDENS["lightning.image"])
+    with pytest.raises(ValueError, match="is not loaded: pass what load_lora returned"):
+        pipe.unload_lora(extra)
+    pipe.unload_lora(lightning)
+    assert len(pipe.loras) == 0
+    assert_matches(*generate(pipe), BASE[f"{BASE_CASE}.latents"], BASE[f"{BASE_CASE}.image"])
+
+
 def test_unload_restores_the_base_weights_exactly_and_the_image():
     pipe = load_pipeline()
     before = {k: np.array(v) for k, v in tree_flatten(pipe.transformer.parameters())}
