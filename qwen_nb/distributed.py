@@ -35,6 +35,7 @@ from mlx.nn.layers.distributed import (
 from mlx.utils import tree_flatten
 
 from .loading import CheckpointError, read_config, read_header, weight_files
+from .lora import _node, _set_module
 from .quantize import (
     GROUP_SIZE,
     QuantizationReport,
@@ -352,17 +353,17 @@ def load_shards(model: nn.Module, reader: ShardReader, axis_of, dtype, what: str
         arrays = read_into(model, reader, axis_of, dtype, loras, names=names)
         if after is not None and layer:
             after(layer)
-        mx.eval(_get(model, layer).parameters() if layer else arrays)
+        mx.eval(_node(model, layer).parameters() if layer else arrays)
 
 
 # ---------------------------------------------------------------------------------------------- the sharded model
 def _split_linears(module, by_output, by_input, group) -> None:
     """Replace `module`'s linears at the paths `by_output` / `by_input` by MLX's split ones (empty, lazily)."""
     for path in (*by_output, *by_input):
-        linear = _get(module, path)
+        linear = _node(module, path)
         out, inp = linear.weight.shape
         kind = AllToShardedLinear if path in by_output else ShardedToAllLinear
-        _set(module, path, kind(inp, out, "bias" in linear, group=group))
+        _set_module(module, path, kind(inp, out, "bias" in linear, group=group))
 
 
 def shard_layout(model: QwenImageTransformer, group) -> QwenImageTransformer:
@@ -384,24 +385,9 @@ def shard_model(model: QwenImageTransformer, group) -> QwenImageTransformer:
     for block in model.transformer_blocks:
         for path in BY_OUTPUT + BY_INPUT:
             kind = AllToShardedLinear if path in BY_OUTPUT else ShardedToAllLinear
-            _set(block, path, kind.from_linear(_get(block, path), group=group))
+            _set_module(block, path, kind.from_linear(_node(block, path), group=group))
         block.attn.heads = model.config.num_attention_heads // N
     return model
-
-
-def _get(module, path: str):
-    for part in path.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
-    return module
-
-
-def _set(module, path: str, value) -> None:
-    parent, _, name = path.rpartition(".")
-    parent = _get(module, parent) if parent else module
-    if name.isdigit():
-        parent[int(name)] = value
-    else:
-        setattr(parent, name, value)
 
 
 def quantize_shard(layer, bits: int, group_size: int = GROUP_SIZE):
@@ -452,13 +438,13 @@ def load_sharded_transformer(
     report = QuantizationReport(bits, GROUP_SIZE, 8) if bits else None
 
     def quantize_block(layer: str) -> None:
-        block = _get(model, layer)
+        block = _node(model, layer)
         for path in BY_OUTPUT + BY_INPUT:
-            q = quantize_shard(_get(block, path), bits)
+            q = quantize_shard(_node(block, path), bits)
             if q is None:
                 report.skipped.append(f"{layer}.{path}")
             else:
-                _set(block, path, q)
+                _set_module(block, path, q)
                 report.quantized += 1
 
     load_shards(model, reader, shard_axis, dtype, "transformer", loras, quantize_block if bits else None)
