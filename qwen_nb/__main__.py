@@ -248,7 +248,8 @@ def add_generate(subparsers) -> None:
         "--dtype",
         choices=["bfloat16", "float32"],
         default=None,
-        help="default: float32 on a CPU (bfloat16 matmuls are ~3x slower there), bfloat16 on a GPU",
+        help="default: float32 on a CPU (bfloat16 matmuls are far slower there: assets/bench/blas_cpu.json), bfloat16 "
+        "on a GPU",
     )
     p.add_argument("--keep-text-encoder", action="store_true", help="keep the text encoder resident")
     p.add_argument("--no-memory-check", action="store_true", help="load even when the memory plan says no")

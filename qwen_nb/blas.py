@@ -1,8 +1,8 @@
-"""OpenBLAS for MLX's Linux CPU wheel, which ships a reference BLAS: float32 matmul at ~5 GFLOP/s, against ~300 with
-Debian's OpenBLAS (`apt-get install libopenblas0-pthread`) preloaded, measured on a 2-core machine. A library can
-only be preloaded when a process starts, so the command line, the notebook runner, `python -m qwen_nb lab` and the
-test run restart themselves (or start their kernels) with LD_PRELOAD set, once, when OpenBLAS is installed and
-LD_PRELOAD is not already set. QWEN_NB_NO_OPENBLAS=1 turns this off (to measure without it)."""
+"""OpenBLAS for MLX's Linux CPU wheel, which ships a reference BLAS: a float32 matmul some 30x slower than with
+Debian's OpenBLAS (`apt-get install libopenblas0-pthread`) preloaded (assets/bench/blas_cpu.json, a 2-core machine).
+A library can only be preloaded when a process starts, so the command line, the notebook runner, `python -m qwen_nb
+lab` and the test run restart themselves (or start their kernels) with LD_PRELOAD set, once, when OpenBLAS is
+installed and LD_PRELOAD is not already set. QWEN_NB_NO_OPENBLAS=1 turns this off (to measure without it)."""
 
 import os
 import sys
@@ -32,7 +32,7 @@ def missing_note() -> str | None:
     if sys.platform.startswith("linux") and not os.environ.get("LD_PRELOAD") and not os.path.exists(OPENBLAS):
         return (
             "note: MLX's Linux CPU wheel ships a slow reference BLAS and OpenBLAS is not installed; "
-            "`sudo apt-get install libopenblas0-pthread` makes matmuls ~50x faster (qwen_nb preloads it)"
+            "`sudo apt-get install libopenblas0-pthread` makes float32 matmuls ~30x faster (qwen_nb preloads it)"
         )
     return None
 

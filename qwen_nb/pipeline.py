@@ -85,7 +85,8 @@ MAX_SEED = 2**64 - 1
 
 
 def default_dtype() -> mx.Dtype:
-    """bfloat16 on a GPU (the checkpoint's); float32 on a CPU, where bfloat16 matmuls are ~3x slower."""
+    """bfloat16 on a GPU (the checkpoint's); float32 on a CPU, where bfloat16 matmuls are far slower
+    (assets/bench/blas_cpu.json)."""
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 

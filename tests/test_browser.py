@@ -87,7 +87,7 @@ def jupyter_home(tmp: Path) -> dict:
     )
     env.pop("QWEN_NB_WEIGHTS", None)  # the embedded model
     if sys.platform.startswith("linux") and not env.get("LD_PRELOAD") and os.path.exists(OPENBLAS):
-        env["LD_PRELOAD"] = OPENBLAS  # MLX's CPU wheel is ~50x slower with its own BLAS
+        env["LD_PRELOAD"] = OPENBLAS  # MLX's CPU wheel is ~30x slower with its own BLAS (assets/bench/blas_cpu.json)
     return env
 
 

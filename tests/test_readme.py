@@ -31,5 +31,15 @@ def test_readme_quotes_the_committed_course_reports():
 REPORTS = ("course_times.json", "course_times_reference_blas.json")
 
 
+def test_readme_quotes_the_committed_blas_report():
+    """The matmul speeds the README gives for the wheel's BLAS, OpenBLAS and bfloat16 are blas_cpu.json's."""
+    g = json.loads((ROOT / "assets" / "bench" / "blas_cpu.json").read_text())["gflops"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    reference, openblas = g["reference BLAS (the wheel's)"], g["OpenBLAS preloaded"]
+    assert f"runs at {reference['float32']} GFLOP/s with it and at {openblas['float32']} GFLOP/s" in readme
+    assert f"bfloat16 runs at {reference['bfloat16']} and {openblas['bfloat16']} GFLOP/s" in readme
+    assert max(reference["bfloat16"], openblas["bfloat16"]) < openblas["float32"] / 10  # "far slower" holds
+
+
 if __name__ == "__main__":  # prints the sentence to paste into the README after a new report
     print(course_line(*(json.loads((ROOT / "assets" / n).read_text()) for n in REPORTS)))
