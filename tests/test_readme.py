@@ -43,3 +43,18 @@ def test_readme_quotes_the_committed_blas_report():
 
 if __name__ == "__main__":  # prints the sentence to paste into the README after a new report
     print(course_line(*(json.loads((ROOT / "assets" / n).read_text()) for n in REPORTS)))
+
+
+def test_readme_hero_scores_are_the_committed_ones():
+    """The demo model's scores in the README's picture caption: the accepted fine-tune's 16-caption scores
+    (demo_training_curves.json) and the 36-combination ones (demo_held_out_all.json, old and new model)."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    accepted = json.loads((ROOT / "assets" / "demo_training_curves.json").read_text())["finetune"]["accepted"]
+    cfg4, cfg1 = accepted["pipeline_cfg4"], accepted["pipeline_cfg1"]
+    assert f"shape on {cfg4['shape']}/16 with CFG 4 and {cfg1['shape']}/16 with `cfg_scale=1`" in readme
+    assert cfg4["layout"] == cfg1["layout"] == 16 and "background right on 16/16 both ways" in readme
+    models = json.loads((ROOT / "assets" / "demo_held_out_all.json").read_text())["models"]
+    new, old = models["fine-tuned (assets/demo)"], models["H200 run (commit 54422d2)"]
+    assert new["cfg4"]["shape"] == old["cfg4"]["shape"]  # "as the H200 model did"
+    assert f"{new['cfg4']['shape']}/36 shapes with CFG 4" in readme
+    assert f"{new['cfg1']['shape']}/36 with `cfg_scale=1` (was {old['cfg1']['shape']};" in readme
