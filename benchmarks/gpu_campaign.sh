@@ -98,5 +98,23 @@ case "${1:-}" in
     done
     rm -rf "$out"/*_images "$out"/*.png  # the JSON reports only: at most 8 files come back
     ;;
-  *) echo "usage: gpu_campaign.sh transformer|pipeline|memory|vae|training|restructure|fast|fast_variants" >&2; exit 2 ;;
+  quantized_lora)  # 8 steps + a rank-64 LoRA on an 8- and a 4-bit transformer: merged before quantizing, or adapters
+    for q in "--quantize 8" "--quantize 8 --lora-adapters" "--quantize 4" "--quantize 4 --lora-adapters"; do
+      name=pipeline_fast8_lora64_q${q//[^0-9a-z]/}_h200
+      timeout 145 "$py" benchmarks/bench_pipeline.py --fast 8 --lora-rank 64 $q --no-peer --timeout 140 --name $name \
+        2>&1 | tail -2
+    done
+    rm -rf "$out"/*_images "$out"/*.png
+    ;;
+  qwen21)  # Qwen-Image 2.1 end to end (t2i and a condition picture, KV cache on/off) against diffusers
+    timeout 560 "$py" benchmarks/bench_qwen21.py --peer-python "$py" --timeout 270 --name qwen21_h200 2>&1 \
+      | tee "$out/qwen21.log" | tail -22
+    rm -rf "$out"/*_images
+    ;;
+  edit_pipeline)  # a whole Edit-2509 edit of one and of two pictures against diffusers' QwenImageEditPlusPipeline
+    timeout 560 "$py" benchmarks/bench_edit_pipeline.py --peer-python "$py" --timeout 270 --name edit_pipeline_h200 \
+      2>&1 | tee "$out/edit_pipeline.log" | tail -16
+    rm -rf "$out"/*_images
+    ;;
+  *) echo "usage: gpu_campaign.sh transformer|pipeline|memory|vae|training|restructure|fast|fast_variants|quantized_lora|qwen21|edit_pipeline" >&2; exit 2 ;;
 esac

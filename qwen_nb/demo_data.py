@@ -135,6 +135,19 @@ def test_scenes(n: int = 16, seed: int = 0) -> list[Scene]:
     return scenes
 
 
+def validation_scenes(n_test: int = 16, seed: int = 0) -> list[Scene]:
+    """The held-out (colour, shape, position) combinations that test_scenes(n_test, seed) does not use, one scene
+    each with a random background (fixed): what a training run may select its checkpoint on, so that the test
+    captions' score stays a measurement of the chosen model and not part of choosing it."""
+    used = {(s.colour, s.shape, s.position) for s in test_scenes(n_test, seed)}
+    rng = np.random.default_rng(seed + 1)
+    scenes = []
+    for c, s, p in sorted({(c, s, p) for c, p in held_out_pairs() for s in SHAPES} - used):
+        backs = backgrounds_for(c)
+        scenes.append(Scene(c, s, p, backs[rng.integers(len(backs))]))
+    return scenes
+
+
 def sample_scenes(rng: np.random.Generator, n: int, scenes: list[Scene] | None = None) -> list[Scene]:
     scenes = training_scenes() if scenes is None else scenes
     return [scenes[i] for i in rng.integers(len(scenes), size=n)]

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from . import image_input
-from .components import ComponentStore
+from .components import ComponentStore, as_builder
 from .hub import resolve
 from .lora import _hub_file
 from .memory import MemoryLimit, activation_bytes, tensor_shapes
@@ -190,10 +190,39 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return pipe
 
     @classmethod
-    def from_components(cls, *args, **kwargs):
-        raise NotImplementedError(
-            "the edit pipelines load from a checkpoint (from_pretrained): they need its vision tower and processor/"
+    def from_components(
+        cls,
+        processor: QwenVLProcessor,
+        transformer,
+        text_encoder,
+        vae,
+        vision_tower,
+        scheduler_config=None,
+        *,
+        kind: str = "plus",
+        vision_config: VisionConfig | None = None,
+        vae_area: int = VAE_AREA,
+        native_size: tuple[int, int] | None = None,
+        **options,
+    ) -> "QwenImageEditPipeline":
+        """An edit pipeline from models in memory (benchmarks, tests): `processor` (a QwenVLProcessor), the
+        transformer, text encoder and VAE as `QwenImagePipeline.from_components` takes them (modules, or functions
+        that build one), and `vision_tower` (Qwen2.5-VL's, or a function that builds it). `kind` is "edit"
+        (Qwen-Image-Edit: one picture) or "plus" (-2509/-2511: up to 3); `vision_config` (default: the real
+        tower's) gives the picture token's id and the text's RoPE sections."""
+        takes = dict(KINDS.values())
+        if kind not in takes:
+            raise ValueError(f"kind must be one of {sorted(takes)} (Qwen-Image-Edit / -2509 and -2511), not {kind!r}")
+        pipe = super().from_components(
+            processor.tokenizer, transformer, text_encoder, vae, scheduler_config, native_size=native_size, **options
         )
+        pipe.kind, pipe.max_pictures = kind, takes[kind]
+        pipe.vision_config = vision_config or VisionConfig()
+        pipe.zero_cond_t = pipe.transformer.config.zero_cond_t
+        pipe.processor = processor
+        pipe.vae_area, pipe.condition_area, pipe.text_positions = int(vae_area), CONDITION_AREA, "plain"
+        pipe.vision = ComponentStore({"vision_tower": as_builder(vision_tower)})
+        return pipe
 
     @property
     def vision_tower(self):

@@ -590,8 +590,9 @@ class QwenImage21Pipeline(LoraMethods):
 
         with MemoryLimit(self.options.memory_limit_gb) as limit, stats.running():
             cond, uncond = self.encode_prompts(prompt, negative_prompt if do_cfg else None, pictures, stats)
-            with stats.stage("weights", "load_s"):
+            with stats.stage("picture", "image_s"):
                 condition = self.encode_pictures(pictures)
+            with stats.stage("weights", "load_s"):
                 materialize(self.transformer, "reading the transformer" if progress else None)
             limit.weights_loaded()
             slots = np.ones(target // TOKENS_PER_SLOT, bool)

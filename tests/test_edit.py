@@ -480,3 +480,42 @@ def test_panel_edit_mode(pipes):
     assert np.array_equal(np.asarray(image), np.asarray(same))
     p._uploaded(({"name": "notes.txt", "content": memoryview(b"not a picture")},))
     assert "could not read the upload" in p.status.value
+
+
+@pytest.mark.parametrize("name", ["plus_two_zero_cond", "edit_one"])
+def test_from_components_matches_diffusers(folders, name):
+    """An edit pipeline assembled from models in memory (as the benchmarks build full-size random ones): the
+    checkpoint's own models, processor and vision tower given one by one, diffusers' golden edit again."""
+    from qwen_nb.scheduler import SchedulerConfig
+    from qwen_nb.text_encoder import load_text_encoder
+    from qwen_nb.transformer import load_transformer
+    from qwen_nb.vae import load_vae
+    from qwen_nb.vision import QwenVLProcessor, VisionConfig, load_vision_tower
+
+    c = CASES[name]
+    folder = folders[c["pipeline"], c["zero_cond_t"]]
+
+    def transformer(modulation=True):  # as the benchmarks' builders: the pipeline asks for the parts it runs
+        separate = Switches().only(fused_qkv=False)  # the pipeline fuses q/k/v itself
+        return load_transformer(folder / "transformer", mx.float32, switches=separate, modulation=modulation)[0]
+
+    index = json.loads((folder / "model_index.json").read_text())
+    pipe = QwenImageEditPipeline.from_components(
+        QwenVLProcessor.from_pretrained(folder / "processor"),
+        transformer,
+        load_text_encoder(folder / "text_encoder", mx.float32),
+        load_vae(folder / "vae", mx.float32),
+        lambda: load_vision_tower(folder / "text_encoder", mx.float32),
+        SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json"),
+        kind=c["pipeline"],
+        vision_config=VisionConfig.from_folder(folder / "text_encoder"),
+        vae_area=index["_vae_image_area"],
+        dtype=mx.float32,
+        verbose=False,
+    )
+    assert pipe.zero_cond_t == c["zero_cond_t"]
+    image, latents = run_case(pipe, name)
+    np.testing.assert_allclose(latents, np.array(GOLDENS[f"{name}.latents"]), rtol=1e-5, atol=1e-5)
+    assert pixel_diff(image, name) <= 2
+    with pytest.raises(ValueError, match="kind must be one of"):
+        QwenImageEditPipeline.from_components(pipe.processor, None, None, None, None, kind="2511")

@@ -530,8 +530,10 @@ def sample(transformer, vae, cond, cond_mask, uncond, cfg: float, steps: int, se
     return postprocess(vae.decode(z))
 
 
-def held_out_score(transformer, vae, tokenizer, encoder, cfg: float, n: int = 16, seed: int = 0):
-    scenes = demo_data.test_scenes(n, seed)
+def held_out_score(transformer, vae, tokenizer, encoder, cfg: float, n: int = 16, seed: int = 0, scenes=None):
+    """The checker's scores of `scenes` (default: the n test captions) drawn with seed i for caption i."""
+    scenes = demo_data.test_scenes(n, seed) if scenes is None else scenes
+    n = len(scenes)
     captions = [s.caption for s in scenes]
     cond, mask = encode_prompt(tokenizer, encoder, captions)
     uncond, _ = encode_prompt(tokenizer, encoder, " ")
@@ -797,7 +799,7 @@ def plot_curves(history: dict, path: Path) -> None:
 
     panels = [("vae", "VAE: MSE + KL + guide"), ("transformer", "transformer: flow-matching MSE")]
     if "finetune" in history:
-        panels.append(("finetune", "transformer fine-tune (held-out: its EMA)"))
+        panels.append(("finetune", "transformer fine-tune (scores: its EMA)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8))
     for ax, (key, title) in zip(axes, panels):
         loss = np.array(history[key]["loss"])
@@ -817,9 +819,11 @@ def plot_curves(history: dict, path: Path) -> None:
             continue
         ax2 = ax.twinx()
         steps = [e["step"] for e in evals]
+        split = "validation" if "validation_cfg4" in evals[0] else "held_out"  # what a fine-tune selected on
+        n = evals[0][f"{split}_cfg4"]["n"]
         for score, style, colour, name in (
-            ("held_out_cfg4", "o-", "C3", f"CFG {EVAL_CFG:g}"),
-            ("held_out_cfg1", "s--", "C1", "CFG 1"),
+            (f"{split}_cfg4", "o-", "C3", f"CFG {EVAL_CFG:g}"),
+            (f"{split}_cfg1", "s--", "C1", "CFG 1"),
         ):
             ax2.plot(steps, [e[score]["all"] for e in evals], style, color=colour, ms=3, label=f"{name}: all right")
             ax2.plot(
@@ -831,8 +835,9 @@ def plot_curves(history: dict, path: Path) -> None:
                 alpha=0.35,
                 label=f"{name}: colour, position, background",
             )
-        ax2.set_ylim(0, 16.3)
-        ax2.set_ylabel("held-out captions drawn right (of 16)", color="C3")
+        ax2.set_ylim(0, n + 0.3)
+        what = "validation" if split == "validation" else "held-out"
+        ax2.set_ylabel(f"{what} captions drawn right (of {n})", color="C3")
         ax2.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
