@@ -21,15 +21,15 @@ temporary folder.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_pipeline  # noqa: E402
+from workers import ROOT, serve, side_by_side  # noqa: E402
+
 PROCESSOR = ROOT / "tests" / "fixtures" / "tiny_edit" / "checkpoint" / "processor"
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 612, 613, 609, 610  # the tiny tokenizer's ids
 WARMUP_PROMPT = "a warm-up edit"
@@ -37,62 +37,10 @@ PROMPT = "Put the person of picture 1 on the sign of picture 2 and turn the scen
 ONE_PROMPT = "Turn the chalkboard sign into a wooden board reading 'Qwen Coffee' and make it dusk."
 NEGATIVE = " "
 
-FULL = {  # Qwen/Qwen-Image-Edit-2509's configs (bench_pipeline.py's, with the vision tower's own)
-    "transformer": dict(
-        num_layers=60, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=[16, 56, 56]
-    ),
-    "text": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        mrope_section=[16, 24, 24],
-    ),
-    "vision": dict(
-        depth=32,
-        hidden_size=1280,
-        intermediate_size=3420,
-        num_heads=16,
-        out_hidden_size=3584,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31],
-    ),
-    "vae": dict(base_dim=96, num_res_blocks=2),
-    "processor": dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
-}
-TINY = {
-    "transformer": dict(
-        num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=[8, 12, 12]
-    ),
-    "text": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=640,
-        mrope_section=[2, 3, 3],
-    ),
-    "vision": dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=48,
-        num_heads=2,
-        out_hidden_size=64,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=56,
-        fullatt_block_indexes=[1],
-    ),
-    "vae": dict(base_dim=8, num_res_blocks=2),
-    "processor": dict(min_pixels=56 * 56, max_pixels=28 * 28 * 10),
-}
+# Qwen-Image-Edit-2509's models are Qwen-Image's (bench_pipeline.py's sizes, its vision tower included; the tower's
+# other fields are the real ones by default), with the Pillow image processor's pixel bounds
+FULL = {**bench_pipeline.FULL, "processor": dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)}
+TINY = {**bench_pipeline.TINY, "processor": dict(min_pixels=56 * 56, max_pixels=28 * 28 * 10)}
 VARIANTS = {"one picture": 1, "two pictures": 2}
 
 
@@ -115,7 +63,7 @@ def prompt_for(count: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ qwen_nb worker
-def build_qwen_nb(sizes: dict, keep_text_encoder: bool):
+def build_qwen_nb(sizes: dict, keep_text_encoder: bool, dtype_name: str = "bfloat16"):
     import mlx.core as mx
 
     from qwen_nb.edit import QwenImageEditPipeline
@@ -126,7 +74,7 @@ def build_qwen_nb(sizes: dict, keep_text_encoder: bool):
     from qwen_nb.vae import AutoencoderKLQwenImage, VAEConfig
     from qwen_nb.vision import ImageProcessorConfig, Qwen25VisionTransformer, QwenVLProcessor, VisionConfig
 
-    dtype = mx.bfloat16
+    dtype = getattr(mx, dtype_name)
     mx.random.seed(0)
     vision = VisionConfig(
         image_token_id=IMAGE_PAD, mrope_section=tuple(sizes["text"]["mrope_section"]), **{
@@ -176,7 +124,8 @@ def build_qwen_nb(sizes: dict, keep_text_encoder: bool):
 def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
     results = {}
     for keep in (False, True):
-        pipe = build_qwen_nb(TINY if cfg["tiny"] else FULL, keep)
+        # a CPU computes bfloat16 slowly: the tiny smoke test runs qwen_nb in float32
+        pipe = build_qwen_nb(TINY if cfg["tiny"] else FULL, keep, "float32" if cfg["tiny"] else "bfloat16")
         mode = "resident" if keep else "sequenced"
         for label, count in VARIANTS.items():
             pics = pictures(count)
@@ -207,144 +156,72 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ diffusers worker
 def run_diffusers(cfg: dict, out_dir: Path) -> dict:
     import torch
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImageEditPlusPipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
+    from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
+    from workers import StageClock, flow_scheduler, qwen25_vl
 
     sizes = TINY if cfg["tiny"] else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # random init straight in bf16 on the device: no float32 copy
-    text = dict(sizes["text"])
-    mrope = text.pop("mrope_section")
     with device:
         transformer = QwenImageTransformer2DModel(**sizes["transformer"])
         vae = AutoencoderKLQwenImage(**sizes["vae"])
-        text_encoder = Qwen2_5_VLForConditionalGeneration(
-            Qwen2_5_VLConfig(
-                text_config=dict(
-                    **text,
-                    rms_norm_eps=1e-6,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-                ),
-                vision_config=sizes["vision"],
-                image_token_id=IMAGE_PAD,
-                video_token_id=VIDEO_PAD,
-                vision_start_token_id=VISION_START,
-                vision_end_token_id=VISION_END,
-            )
-        )
+        ids = dict(image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD)
+        text_encoder = qwen25_vl(sizes, **ids, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
     torch.set_default_dtype(torch.float32)
     check = ProcessorMixin.check_argument_for_proper_class  # no video processor without torchvision: skip its check
     ProcessorMixin.check_argument_for_proper_class = lambda self, n, a: None if a is None else check(self, n, a)
     p = sizes["processor"]
     tokenizer = Qwen2Tokenizer.from_pretrained(str(PROCESSOR))
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessorPil(
-            patch_size=14,
-            merge_size=2,
-            temporal_patch_size=2,
-            size={"shortest_edge": p["min_pixels"], "longest_edge": p["max_pixels"]},
-        ),
-        tokenizer=tokenizer,
-        video_processor=None,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=8192,
-        max_shift=0.9,
-        num_train_timesteps=1000,
-        shift=1.0,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-        use_dynamic_shifting=True,
-    )
+    pixels = Qwen2VLImageProcessorPil(size={"shortest_edge": p["min_pixels"], "longest_edge": p["max_pixels"]})
     pipe = QwenImageEditPlusPipeline(
-        scheduler=scheduler,
+        scheduler=flow_scheduler(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
-        processor=processor,
+        processor=Qwen2VLProcessor(image_processor=pixels, tokenizer=tokenizer, video_processor=None),
         transformer=transformer.eval(),
     )
     pipe.set_progress_bar_config(disable=True)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    marks = {}
-    encode = pipe.encode_prompt
-
-    def timed_encode(*args, **kwargs):  # the prompt with its pictures, timed apart from the rest of the call
-        sync()
-        t = time.perf_counter()
-        out = encode(*args, **kwargs)
-        sync()
-        marks["text_s"] = marks.get("text_s", 0.0) + time.perf_counter() - t
-        return out
-
-    pipe.encode_prompt = timed_encode
-
-    def first_call(module, args, kwargs):
-        if "first" not in marks:
-            sync()
-            marks["first"] = time.perf_counter()
-
-    transformer.register_forward_pre_hook(first_call, with_kwargs=True)
+    clock = StageClock(pipe, cuda)
     results = {}
     for label, count in VARIANTS.items():
         pics = pictures(count)
 
         def edit(prompt, negative, steps, seed, pics=pics):
-            marks.clear()
-            at = []
+            def call(on_step):
+                with torch.no_grad():
+                    return pipe(
+                        image=pics,
+                        prompt=prompt,
+                        negative_prompt=negative,
+                        true_cfg_scale=cfg["cfg_scale"],
+                        height=cfg["height"],
+                        width=cfg["width"],
+                        num_inference_steps=steps,
+                        generator=torch.Generator(device).manual_seed(seed),
+                        callback_on_step_end=on_step,
+                    ).images[0]
 
-            def on_step(p, i, t, kw):
-                sync()
-                at.append(time.perf_counter())
-                return {}
-
-            sync()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = pipe(
-                    image=pics,
-                    prompt=prompt,
-                    negative_prompt=negative,
-                    true_cfg_scale=cfg["cfg_scale"],
-                    height=cfg["height"],
-                    width=cfg["width"],
-                    num_inference_steps=steps,
-                    generator=torch.Generator(device).manual_seed(seed),
-                    callback_on_step_end=on_step,
-                ).images[0]
-            sync()
-            end = time.perf_counter()
-            step_s = [b - a for a, b in zip([marks["first"]] + at[:-1], at)]
-            return out, t0, end, step_s, end - at[-1]
+            return clock.run(call)
 
         edit(WARMUP_PROMPT, "a warm-up negative", 2, 0)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        out, t0, end, step_s, decode_s = edit(prompt_for(count), NEGATIVE, cfg["steps"], 42)
+        out, t = edit(prompt_for(count), NEGATIVE, cfg["steps"], 42)
         name = f"diffusers {label}"
         out.save(out_dir / f"{name.replace(' ', '_')}.png")
         results[name] = {
-            "median_s": end - t0,
-            "text_and_vision_s": marks["text_s"],
-            "pictures_vae_s": marks["first"] - t0 - marks["text_s"],
-            "step_median_s": sorted(step_s)[len(step_s) // 2],
-            "denoise_s": sum(step_s),
-            "decode_s": decode_s,
+            "median_s": t["total_s"],
+            "text_and_vision_s": t["text_s"],
+            "pictures_vae_s": t["before_steps_s"],
+            "step_median_s": sorted(t["step_s"])[len(t["step_s"]) // 2],
+            "denoise_s": sum(t["step_s"]),
+            "decode_s": t["decode_s"],
             "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else 0.0,
         }
     import diffusers
@@ -356,40 +233,6 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def worker_main(name: str, cfg_json: str, out_dir: str) -> None:
-    fn = {"qwen_nb": run_qwen_nb, "diffusers": run_diffusers}[name]
-    print("RESULT " + json.dumps(fn(json.loads(cfg_json), Path(out_dir))))
-
-
-def run_worker(python: str, name: str, cfg: dict, out_dir: Path, timeout: int) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--config", json.dumps(cfg), "--out", str(out_dir)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    print(f"[{name}] {' '.join(cmd[:4])} ...", flush=True)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {name: {"error": f"timed out after {timeout} s"}}
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        tail = (r.stderr or r.stdout)[-3000:]
-        print(f"[{name}] failed (exit {r.returncode}):\n{tail}", flush=True)
-        return {name: {"error": f"exit {r.returncode}: {tail[-500:]}"}}
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def peer_available(python: str, tiny: bool) -> tuple[bool, str]:
-    code = "import torch, diffusers, transformers; from diffusers import QwenImageEditPlusPipeline; print(torch.cuda.is_available())"
-    try:
-        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"{python}: {e}"
-    if r.returncode != 0:
-        return False, f"{python} cannot import torch + diffusers (with QwenImageEditPlusPipeline) + transformers"
-    if r.stdout.strip().splitlines()[-1] != "True" and not tiny:
-        return False, f"{python} has torch but no CUDA device: diffusers at full size on a CPU is not compared"
-    return True, ""
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny configs, 64x64 output, 3 steps: a smoke test")
@@ -404,9 +247,7 @@ def main():
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        return worker_main(a.worker, a.config, a.out)
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+        return serve({"qwen_nb": run_qwen_nb, "diffusers": run_diffusers}, a.worker, a.config, a.out)
     from common import device_name, print_table, write_report
 
     side = 64 if a.tiny else 1024
@@ -419,7 +260,8 @@ def main():
         cfg_scale=a.cfg,
         negative_prompt=NEGATIVE,
         dtype="bfloat16",
-        weights="random, " + ("tiny configs" if a.tiny else "full-size configs (20B transformer, 7B text encoder + vision tower)"),
+        weights="random, "
+        + ("tiny configs" if a.tiny else "full-size configs (20B transformer, 7B text encoder + vision tower)"),
         tokenizer="tests/fixtures/tiny_edit processor's tokenizer (no real vocabulary can be downloaded here)",
     )
     out_dir = Path(
@@ -430,25 +272,13 @@ def main():
     name = a.name or ("edit_pipeline_tiny" if a.tiny else "edit_pipeline")
     images = out_dir / f"{name}_images"
     images.mkdir(exist_ok=True)
-    results = run_worker(sys.executable, "qwen_nb", cfg, images, a.timeout)
     notes = [
         "median_s = one timed edit after a 2-step warm-up: the prompt encoded with its pictures (vision tower and "
         "language model), the pictures' VAE encoding, every step, the decode; qwen_nb's weights_s (reading the "
         "transformer, again after each prompt in sequenced mode) apart, as diffusers holds every model resident.",
         "Random weights: the images are noise; they show both pipelines ran to the end.",
     ]
-    if not a.no_peer:
-        ok, why = peer_available(a.peer_python, a.tiny)
-        if ok:
-            results.update(run_worker(a.peer_python, "diffusers", cfg, images, a.timeout))
-        else:
-            notes.append(f"diffusers not run: {why}.")
-    ok = {k: v for k, v in results.items() if "median_s" in v}
-    for k, v in results.items():
-        if "median_s" not in v:
-            print(f"{k}: {v['error'][:300]}")
-    if not ok:
-        raise SystemExit("no framework finished: nothing written")
+    ok = side_by_side(__file__, cfg, images, a, "QwenImageEditPlusPipeline", notes)
     print_table(ok)
     for k, v in ok.items():
         print(
@@ -456,7 +286,6 @@ def main():
             f"{v['step_median_s']:.3f} s, decode {v['decode_s']:.3f} s, weights {v.get('weights_s', 0):.2f} s; "
             f"peak {v['peak_gb']:.2f} GB"
         )
-    notes += [f"{k} failed: {v['error']}" for k, v in results.items() if k not in ok]
     path = write_report(name, cfg, ok, " ".join(notes), out_dir=out_dir)
     print(f"wrote {path} on {device_name()}")
 

@@ -28,15 +28,15 @@ tokenizer's, the same for both frameworks. Writes assets/bench/pipeline.json (+ 
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workers import ROOT, peer_available, run_worker, serve  # noqa: E402
+
 TOKENIZER = ROOT / "tests" / "fixtures" / "tiny_tokenizer" / "json"
 WARMUP_PROMPT = "a warm-up prompt"
 PROMPT = (
@@ -191,47 +191,21 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ diffusers worker
 def run_diffusers(cfg: dict, out_dir: Path) -> dict:
     import torch
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2Tokenizer
+    from workers import flow_scheduler, qwen25_vl
 
     sizes = TINY if cfg["tiny"] else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # random init straight in bf16 on the device: no float32 copy
-    text = dict(sizes["text"])
-    mrope = text.pop("mrope_section")
     with device:
         transformer = QwenImageTransformer2DModel(**sizes["transformer"])
         vae = AutoencoderKLQwenImage(**sizes["vae"])
-        te_config = Qwen2_5_VLConfig(
-            text_config=dict(
-                **text,
-                rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-            ),
-            vision_config=sizes["vision"],
-        )
-        text_encoder = Qwen2_5_VLForConditionalGeneration(te_config)
+        text_encoder = qwen25_vl(sizes)
     torch.set_default_dtype(torch.float32)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=8192,
-        max_shift=0.9,
-        num_train_timesteps=1000,
-        shift=1.0,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-        use_dynamic_shifting=True,
-    )
-    if cfg.get("fast"):
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, **lightning_overrides())
+    scheduler = flow_scheduler(**(lightning_overrides() if cfg.get("fast") else {}))
     pipe = QwenImagePipeline(
         scheduler=scheduler,
         vae=vae.eval(),
@@ -313,39 +287,6 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def worker_main(name: str, cfg_json: str, out_dir: str) -> None:
-    cfg = json.loads(cfg_json)
-    fn = {"qwen_nb": run_qwen_nb, "diffusers": run_diffusers}[name]
-    result = fn(cfg, Path(out_dir))
-    print("RESULT " + json.dumps(result))
-
-
-def run_worker(python: str, name: str, cfg: dict, out_dir: Path, timeout: int) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--config", json.dumps(cfg), "--out", str(out_dir)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    print(f"[{name}] {' '.join(cmd[:4])} ...", flush=True)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        tail = (r.stderr or r.stdout)[-3000:]
-        print(f"[{name}] failed (exit {r.returncode}):\n{tail}", flush=True)
-        return {"error": f"exit {r.returncode}: {tail[-500:]}"}
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def peer_available(python: str, tiny: bool) -> tuple[bool, str]:
-    code = "import torch, diffusers, transformers; print(torch.cuda.is_available())"
-    try:
-        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"{python}: {e}"
-    if r.returncode != 0:
-        return False, f"{python} cannot import torch + diffusers + transformers"
-    if r.stdout.strip() != "True" and not tiny:
-        return False, f"{python} has torch but no CUDA device: diffusers at full size on a CPU is not compared"
-    return True, ""
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny configs at 64x64, 3 steps: a smoke test in seconds")
@@ -369,9 +310,7 @@ def main():
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        return worker_main(a.worker, a.config, a.out)
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+        return serve({"qwen_nb": run_qwen_nb, "diffusers": run_diffusers}, a.worker, a.config, a.out)
     from common import device_name, write_report
 
     width, height = (int(v) for v in (a.size or ("64x64" if a.tiny else "1024x1024")).split("x"))
@@ -407,7 +346,7 @@ def main():
         cfg["lora"] = str(Path(tempfile.mkdtemp(prefix="bench_lora_")) / "lora.safetensors")
         write_random_lora(Path(cfg["lora"]), TINY if a.tiny else FULL, a.lora_rank)
 
-    results = {"qwen_nb": run_worker(sys.executable, "qwen_nb", cfg, images, a.timeout)}
+    results = {"qwen_nb": run_worker(__file__, sys.executable, "qwen_nb", cfg, images, a.timeout)}
     if a.quantize:
         a.no_peer = True  # diffusers has no comparable quantization here: qwen_nb alone
     notes = [
@@ -418,7 +357,7 @@ def main():
     if not a.no_peer:
         ok, why = peer_available(a.peer_python, a.tiny)
         if ok:
-            results["diffusers"] = run_worker(a.peer_python, "diffusers", cfg, images, a.timeout)
+            results["diffusers"] = run_worker(__file__, a.peer_python, "diffusers", cfg, images, a.timeout)
         else:
             notes.append(f"diffusers not run: {why}.")
     ok = {k: v for k, v in results.items() if "median_s" in v}

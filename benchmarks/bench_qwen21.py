@@ -20,15 +20,14 @@ same for both. Writes assets/bench/qwen21.json (+ .png and the images).
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workers import ROOT, serve, side_by_side  # noqa: E402
+
 PROCESSOR = ROOT / "tests" / "fixtures" / "tiny_qwen21" / "pipeline" / "processor"
 IMAGE_TOKEN_ID = 612  # <|image_pad|> of the tiny tokenizer
 WARMUP_PROMPT = "a warm-up prompt"
@@ -166,7 +165,13 @@ def build_qwen_nb(sizes: dict, dtype, keep_text_encoder: bool = True):
     processor = Qwen3VLProcessor(tiny.tokenizer, images, tiny.chat_template)
     scheduler = SchedulerConfig.from_dict({**FLOW_MATCH_DEFAULTS, "use_dynamic_shifting": True})
     return QwenImage21Pipeline.from_components(
-        processor, transformer, text_encoder, vae, scheduler, dtype=dtype, keep_text_encoder=keep_text_encoder,
+        processor,
+        transformer,
+        text_encoder,
+        vae,
+        scheduler,
+        dtype=dtype,
+        keep_text_encoder=keep_text_encoder,
         verbose=False,
     )
 
@@ -263,6 +268,7 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
     from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
+    from workers import StageClock
 
     sizes = TINY if cfg["tiny"] else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -305,30 +311,7 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
         transformer=transformer.eval(),
     )
     pipe.set_progress_bar_config(disable=True)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    marks = {}
-    encode = pipe.encode_prompt
-
-    def timed_encode(*args, **kwargs):  # text encoding timed apart from the rest of the call
-        sync()
-        t = time.perf_counter()
-        out = encode(*args, **kwargs)
-        sync()
-        marks["text_s"] = marks.get("text_s", 0.0) + time.perf_counter() - t
-        return out
-
-    pipe.encode_prompt = timed_encode
-
-    def first_call(module, args, kwargs):
-        if "first" not in marks:
-            sync()
-            marks["first"] = time.perf_counter()
-
-    transformer.register_forward_pre_hook(first_call, with_kwargs=True)
+    clock = StageClock(pipe, cuda)
     picture = condition_picture(cfg["width"])
     results = {}
     for kind, cache in VARIANTS:
@@ -337,50 +320,39 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
         negative = NEGATIVE if cfg["cfg_scale"] > 1 else None
 
         def generate(prompt, steps, seed, image=image, negative=negative, cache=cache):
-            marks.clear()
-            steps_at = []
+            def call(on_step):
+                with torch.no_grad():
+                    return pipe(
+                        prompt=prompt,
+                        image=image,
+                        negative_prompt=negative,
+                        true_cfg_scale=cfg["cfg_scale"],
+                        height=cfg["height"],
+                        width=cfg["width"],
+                        sigmas=sigmas(steps),
+                        generator=torch.Generator(device).manual_seed(seed),
+                        callback_on_step_end=on_step,
+                        output_resolution=cfg["width"],
+                        use_kv_cache=cache,
+                    ).images[0]
 
-            def on_step(p, i, t, kw):
-                sync()
-                steps_at.append(time.perf_counter())
-                return {}
-
-            sync()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = pipe(
-                    prompt=prompt,
-                    image=image,
-                    negative_prompt=negative,
-                    true_cfg_scale=cfg["cfg_scale"],
-                    height=cfg["height"],
-                    width=cfg["width"],
-                    sigmas=sigmas(steps),
-                    generator=torch.Generator(device).manual_seed(seed),
-                    callback_on_step_end=on_step,
-                    output_resolution=cfg["width"],
-                    use_kv_cache=cache,
-                ).images[0]
-            sync()
-            end = time.perf_counter()
-            step_s = [b - a for a, b in zip([marks["first"]] + steps_at[:-1], steps_at)]
-            return out, t0, end, step_s, end - steps_at[-1]
+            return clock.run(call)
 
         generate(WARMUP_PROMPT, 2, 0)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        out, t0, end, step_s, decode_s = generate(prompt, cfg["steps"], 42)
+        out, t = generate(prompt, cfg["steps"], 42)
         name = f"diffusers {kind} kv={'on' if cache else 'off'}"
         out.save(out_dir / f"{name.replace(' ', '_').replace('=', '')}.png")
-        later = sorted(step_s[1:])
+        later = sorted(t["step_s"][1:])
         results[name] = {
-            "median_s": end - t0,
-            "text_s": marks["text_s"],
-            "picture_and_weights_s": marks["first"] - t0 - marks["text_s"],
-            "first_step_s": step_s[0],
+            "median_s": t["total_s"],
+            "text_s": t["text_s"],
+            "picture_and_weights_s": t["before_steps_s"],
+            "first_step_s": t["step_s"][0],
             "later_step_median_s": later[len(later) // 2] if later else None,
-            "denoise_s": sum(step_s),
-            "decode_s": decode_s,
+            "denoise_s": sum(t["step_s"]),
+            "decode_s": t["decode_s"],
             "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else 0.0,
         }
     import diffusers
@@ -392,38 +364,6 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def worker_main(name: str, cfg_json: str, out_dir: str) -> None:
-    cfg = json.loads(cfg_json)
-    fn = {"qwen_nb": run_qwen_nb, "diffusers": run_diffusers}[name]
-    print("RESULT " + json.dumps(fn(cfg, Path(out_dir))))
-
-
-def run_worker(python: str, name: str, cfg: dict, out_dir: Path, timeout: int) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--config", json.dumps(cfg), "--out", str(out_dir)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    print(f"[{name}] {' '.join(cmd[:4])} ...", flush=True)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        tail = (r.stderr or r.stdout)[-3000:]
-        print(f"[{name}] failed (exit {r.returncode}):\n{tail}", flush=True)
-        return {name: {"error": f"exit {r.returncode}: {tail[-500:]}"}}
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def peer_available(python: str, tiny: bool) -> tuple[bool, str]:
-    code = "import torch, diffusers, transformers; from diffusers import QwenImage21Pipeline; print(torch.cuda.is_available())"
-    try:
-        r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"{python}: {e}"
-    if r.returncode != 0:
-        return False, f"{python} cannot import torch + diffusers (with QwenImage21Pipeline) + transformers"
-    if r.stdout.strip().splitlines()[-1] != "True" and not tiny:
-        return False, f"{python} has torch but no CUDA device: diffusers at full size on a CPU is not compared"
-    return True, ""
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny configs at 64x64, 3 steps: a smoke test in seconds")
@@ -440,9 +380,7 @@ def main():
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        return worker_main(a.worker, a.config, a.out)
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+        return serve({"qwen_nb": run_qwen_nb, "diffusers": run_diffusers}, a.worker, a.config, a.out)
     from common import device_name, print_table, write_report
 
     width, height = (int(v) for v in (a.size or ("64x64" if a.tiny else "1024x1024")).split("x"))
@@ -472,7 +410,6 @@ def main():
     name = a.name or ("qwen21_tiny" if a.tiny else "qwen21")
     images = out_dir / f"{name}_images"
     images.mkdir(exist_ok=True)
-    results = run_worker(sys.executable, "qwen_nb", cfg, images, a.timeout)
     notes = [
         "median_s = one timed generation after a 2-step warm-up: text encoding, the condition picture's encoding, "
         "every step, the decode; qwen_nb's weights_s (reading the transformer: again after each prompt when "
@@ -481,25 +418,13 @@ def main():
         "the target tokens alone).",
         "Random weights: the images are noise; they show both pipelines ran to the end.",
     ]
-    if not a.no_peer:
-        ok, why = peer_available(a.peer_python, a.tiny)
-        if ok:
-            results.update(run_worker(a.peer_python, "diffusers", cfg, images, a.timeout))
-        else:
-            notes.append(f"diffusers not run: {why}.")
-    ok = {k: v for k, v in results.items() if "median_s" in v}
-    for k, v in results.items():
-        if "median_s" not in v:
-            print(f"{k}: {v['error'][:300]}")
-    if not ok:
-        raise SystemExit("no framework finished: nothing written")
+    ok = side_by_side(__file__, cfg, images, a, "QwenImage21Pipeline", notes)
     print_table(ok)
     for k, v in ok.items():
         print(
             f"{k:28s} text {v['text_s']:.3f} s, first step {v['first_step_s']:.3f} s, later steps "
             f"{v['later_step_median_s'] or 0:.3f} s, decode {v['decode_s']:.3f} s; peak {v['peak_gb']:.2f} GB"
         )
-    notes += [f"{k} failed: {v['error']}" for k, v in results.items() if k not in ok]
     path = write_report(name, cfg, ok, " ".join(notes), out_dir=out_dir)
     print(f"wrote {path} on {device_name()}")
 

@@ -121,6 +121,12 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--ema", type=float, default=0.995, help="decay of the weights' exponential moving average")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument(
+        "--shape-weights",
+        type=lambda text: {k: float(v) for k, v in (kv.split("=") for kv in text.split(","))},
+        default=None,
+        help="draw training pictures of some shapes more often, e.g. square=3 (the others weigh 1)",
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
     p.add_argument("--eval-every", type=int, default=100, help="score the EMA weights every so many steps")
     p.add_argument("--fresh", action="store_true", help="discard the run folder first")

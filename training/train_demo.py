@@ -555,9 +555,15 @@ def flow_batches(args, pool, pool_caption, caption_embeds, caption_len, uncond):
     un_e[: uncond.shape[0]] = uncond
     B = args.batch
 
+    weights = getattr(args, "shape_weights", None)  # {shape: weight}: some shapes drawn more often than others
+    if weights:
+        scenes = demo_data.training_scenes()
+        p = np.array([weights.get(scenes[c].shape, 1.0) for c in pool_caption], np.float64)
+        p /= p.sum()
+
     def batch(i):
         rng = np.random.default_rng([args.seed, 3, i])
-        idx = rng.integers(len(pool), size=B)
+        idx = rng.choice(len(pool), size=B, p=p) if weights else rng.integers(len(pool), size=B)
         cap = pool_caption[idx]
         txt = caption_embeds[cap].copy()
         lengths = caption_len[cap].copy()
