@@ -58,3 +58,24 @@ def test_readme_hero_scores_are_the_committed_ones():
     assert new["cfg4"]["shape"] == old["cfg4"]["shape"]  # "as the H200 model did"
     assert f"{new['cfg4']['shape']}/36 shapes with CFG 4" in readme
     assert f"{new['cfg1']['shape']}/36 with `cfg_scale=1` (was {old['cfg1']['shape']};" in readme
+
+
+def test_readme_shape_diagnosis_is_the_committed_one():
+    """The README's account of the demo model's wrong shapes (squares, on training captions too; not the VAE) and
+    of the validation-selected fine-tune, against assets/demo_shapes.json (training/shape_diagnosis.py)."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    report = json.loads((ROOT / "assets" / "demo_shapes.json").read_text())
+    shipped = report["assets/demo"]
+    train = shipped["training_36_cfg4"]
+    squares, others = train["asked"]["square"], train["n"] - train["asked"]["square"]
+    squares_wrong = sum(v for k, v in train["wrong"].items() if k.startswith("square->"))
+    others_right = train["right"] - (squares - squares_wrong)
+    assert f"accepts {squares - squares_wrong} of {squares} squares with CFG 4" in readme
+    assert f"and {others_right} of the {others} other shapes" in readme
+    assert max(train["wrong"], key=train["wrong"].get) == "square->circle"  # "read as circles"
+    vae = shipped["vae_round_trip"]["square"]
+    assert f"its VAE alone keeps {vae['kept']} of {vae['n']} squares" in readme
+    assert all(v["kept"] == v["n"] for k, v in shipped["vae_round_trip"].items() if k != "square")
+    chosen = report["fine-tune run 3 (chosen on the validation captions; not shipped)"]
+    assert f"never on these 16, reads {chosen['test_16_cfg4']['right']}/16 here with CFG 4" in readme
+    assert chosen["validation_20_cfg4"]["n"] == 20 and "on 20 other held-out captions" in readme
