@@ -68,10 +68,7 @@ def build_qwen_nb(sizes: dict, keep_text_encoder: bool, dtype_name: str = "bfloa
 
     from qwen_nb.edit import QwenImageEditPipeline
     from qwen_nb.scheduler import SchedulerConfig
-    from qwen_nb.text_encoder import QwenTextEncoder, TextEncoderConfig
     from qwen_nb.tokenizer import QwenTokenizer
-    from qwen_nb.transformer import QwenImageTransformer, TransformerConfig
-    from qwen_nb.vae import AutoencoderKLQwenImage, VAEConfig
     from qwen_nb.vision import ImageProcessorConfig, Qwen25VisionTransformer, QwenVLProcessor, VisionConfig
 
     dtype = getattr(mx, dtype_name)
@@ -82,26 +79,10 @@ def build_qwen_nb(sizes: dict, keep_text_encoder: bool, dtype_name: str = "bfloa
         }
     )  # fmt: skip
 
-    # Random weights, built lazily and cast before anything is evaluated (no float32 copy): built again whenever
-    # the pipeline frees a model and needs it back.
-    def transformer(modulation=True):
-        m = QwenImageTransformer(TransformerConfig(**sizes["transformer"]), modulation=modulation)
-        m.set_dtype(dtype)
-        return m
-
-    def text_encoder():
-        t = {k: v for k, v in sizes["text"].items() if k != "mrope_section"}
-        m = QwenTextEncoder(TextEncoderConfig(head_dim=t["hidden_size"] // t["num_attention_heads"], **t))
-        m.set_dtype(dtype)
-        return m
+    transformer, text_encoder, vae = bench_pipeline.random_builders(sizes, dtype)
 
     def vision_tower():
         m = Qwen25VisionTransformer(vision)
-        m.set_dtype(dtype)
-        return m
-
-    def vae():
-        m = AutoencoderKLQwenImage(VAEConfig(**sizes["vae"]))
         m.set_dtype(dtype)
         return m
 
@@ -156,23 +137,17 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ diffusers worker
 def run_diffusers(cfg: dict, out_dir: Path) -> dict:
     import torch
-    from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from diffusers import QwenImageEditPlusPipeline
     from transformers import Qwen2Tokenizer, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
-    from workers import StageClock, flow_scheduler, qwen25_vl
+    from workers import StageClock, clock_result, flow_scheduler, random_qwen_image, stamp
 
     sizes = TINY if cfg["tiny"] else FULL
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ids = dict(image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD)
+    ids.update(vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    transformer, vae, text_encoder, device = random_qwen_image(sizes, **ids)
     cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)  # random init straight in bf16 on the device: no float32 copy
-    with device:
-        transformer = QwenImageTransformer2DModel(**sizes["transformer"])
-        vae = AutoencoderKLQwenImage(**sizes["vae"])
-        ids = dict(image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD)
-        text_encoder = qwen25_vl(sizes, **ids, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
-    torch.set_default_dtype(torch.float32)
     check = ProcessorMixin.check_argument_for_proper_class  # no video processor without torchvision: skip its check
     ProcessorMixin.check_argument_for_proper_class = lambda self, n, a: None if a is None else check(self, n, a)
     p = sizes["processor"]
@@ -215,21 +190,8 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
         out, t = edit(prompt_for(count), NEGATIVE, cfg["steps"], 42)
         name = f"diffusers {label}"
         out.save(out_dir / f"{name.replace(' ', '_')}.png")
-        results[name] = {
-            "median_s": t["total_s"],
-            "text_and_vision_s": t["text_s"],
-            "pictures_vae_s": t["before_steps_s"],
-            "step_median_s": sorted(t["step_s"])[len(t["step_s"]) // 2],
-            "denoise_s": sum(t["step_s"]),
-            "decode_s": t["decode_s"],
-            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else 0.0,
-        }
-    import diffusers
-
-    for r in results.values():
-        r["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__}
-        r["device"] = torch.cuda.get_device_name() if cuda else "cpu"
-    return results
+        results[name] = clock_result(t, cuda, text_and_vision_s=t["text_s"], pictures_vae_s=t["before_steps_s"])
+    return stamp(results, cuda)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -248,7 +210,7 @@ def main():
     a = ap.parse_args()
     if a.worker:
         return serve({"qwen_nb": run_qwen_nb, "diffusers": run_diffusers}, a.worker, a.config, a.out)
-    from common import device_name, print_table, write_report
+    from common import finish
 
     side = 64 if a.tiny else 1024
     cfg = dict(
@@ -279,15 +241,12 @@ def main():
         "Random weights: the images are noise; they show both pipelines ran to the end.",
     ]
     ok = side_by_side(__file__, cfg, images, a, "QwenImageEditPlusPipeline", notes)
-    print_table(ok)
-    for k, v in ok.items():
-        print(
-            f"{k:34s} text+vision {v['text_and_vision_s']:.3f} s, pictures {v['pictures_vae_s']:.3f} s, step "
-            f"{v['step_median_s']:.3f} s, decode {v['decode_s']:.3f} s, weights {v.get('weights_s', 0):.2f} s; "
-            f"peak {v['peak_gb']:.2f} GB"
-        )
-    path = write_report(name, cfg, ok, " ".join(notes), out_dir=out_dir)
-    print(f"wrote {path} on {device_name()}")
+    finish(
+        name, cfg, ok, notes, out_dir,
+        lambda k, v: f"{k:34s} text+vision {v['text_and_vision_s']:.3f} s, pictures {v['pictures_vae_s']:.3f} s, "
+        f"step {v['step_median_s']:.3f} s, decode {v['decode_s']:.3f} s, weights {v.get('weights_s', 0):.2f} s; "
+        f"peak {v['peak_gb']:.2f} GB",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

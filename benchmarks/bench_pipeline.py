@@ -113,38 +113,42 @@ def write_random_lora(path: Path, sizes: dict, rank: int) -> None:
     mx.save_safetensors(str(path), tensors, metadata={"format": "pt"})
 
 
+def random_builders(sizes: dict, dtype):
+    """Functions building qwen_nb's transformer, text encoder and VAE of these sizes with random weights, lazily
+    and cast before anything is evaluated: no float32 copy ever exists. The pipeline calls them again when it frees
+    a model and needs it back (sequenced memory); the transformer's takes `modulation` (schedule_modulation)."""
+    from qwen_nb.text_encoder import QwenTextEncoder, TextEncoderConfig
+    from qwen_nb.transformer import QwenImageTransformer, TransformerConfig
+    from qwen_nb.vae import AutoencoderKLQwenImage, VAEConfig
+
+    def cast(m):
+        m.set_dtype(dtype)
+        return m
+
+    def transformer(modulation=True):
+        return cast(QwenImageTransformer(TransformerConfig(**sizes["transformer"]), modulation=modulation))
+
+    def text_encoder():
+        t = {k: v for k, v in sizes["text"].items() if k != "mrope_section"}
+        return cast(QwenTextEncoder(TextEncoderConfig(head_dim=t["hidden_size"] // t["num_attention_heads"], **t)))
+
+    def vae():
+        return cast(AutoencoderKLQwenImage(VAEConfig(**sizes["vae"])))
+
+    return transformer, text_encoder, vae
+
+
 def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
     import mlx.core as mx
 
     from qwen_nb.pipeline import QwenImagePipeline
     from qwen_nb.scheduler import SchedulerConfig
-    from qwen_nb.text_encoder import QwenTextEncoder, TextEncoderConfig
     from qwen_nb.tokenizer import QwenTokenizer
-    from qwen_nb.transformer import QwenImageTransformer, TransformerConfig
-    from qwen_nb.vae import AutoencoderKLQwenImage, VAEConfig
 
     sizes = TINY if cfg["tiny"] else FULL
     dtype = mx.bfloat16
     mx.random.seed(0)
-
-    # Random weights, built lazily and cast before anything is evaluated: no float32 copy ever exists. The
-    # builders run again when the pipeline frees a model and needs it back (sequenced memory).
-    def transformer(modulation=True):  # the pipeline builds it without its modulation weights (schedule_modulation)
-        m = QwenImageTransformer(TransformerConfig(**sizes["transformer"]), modulation=modulation)
-        m.set_dtype(dtype)
-        return m
-
-    def text_encoder():
-        t = {k: v for k, v in sizes["text"].items() if k != "mrope_section"}
-        m = QwenTextEncoder(TextEncoderConfig(head_dim=t["hidden_size"] // t["num_attention_heads"], **t))
-        m.set_dtype(dtype)
-        return m
-
-    def vae():
-        m = AutoencoderKLQwenImage(VAEConfig(**sizes["vae"]))
-        m.set_dtype(dtype)
-        return m
-
+    transformer, text_encoder, vae = random_builders(sizes, dtype)
     scheduler = SchedulerConfig().merged(lightning_overrides() if cfg.get("fast") else None)
     pipe = QwenImagePipeline.from_components(
         QwenTokenizer.from_pretrained(TOKENIZER),
@@ -191,20 +195,13 @@ def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ diffusers worker
 def run_diffusers(cfg: dict, out_dir: Path) -> dict:
     import torch
-    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from diffusers import QwenImagePipeline
     from transformers import Qwen2Tokenizer
-    from workers import flow_scheduler, qwen25_vl
+    from workers import flow_scheduler, random_qwen_image
 
     sizes = TINY if cfg["tiny"] else FULL
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    transformer, vae, text_encoder, device = random_qwen_image(sizes)
     cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)  # random init straight in bf16 on the device: no float32 copy
-    with device:
-        transformer = QwenImageTransformer2DModel(**sizes["transformer"])
-        vae = AutoencoderKLQwenImage(**sizes["vae"])
-        text_encoder = qwen25_vl(sizes)
-    torch.set_default_dtype(torch.float32)
     scheduler = flow_scheduler(**(lightning_overrides() if cfg.get("fast") else {}))
     pipe = QwenImagePipeline(
         scheduler=scheduler,

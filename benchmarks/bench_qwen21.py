@@ -268,7 +268,7 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
     from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
-    from workers import StageClock
+    from workers import StageClock, clock_result, stamp
 
     sizes = TINY if cfg["tiny"] else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -345,22 +345,15 @@ def run_diffusers(cfg: dict, out_dir: Path) -> dict:
         name = f"diffusers {kind} kv={'on' if cache else 'off'}"
         out.save(out_dir / f"{name.replace(' ', '_').replace('=', '')}.png")
         later = sorted(t["step_s"][1:])
-        results[name] = {
-            "median_s": t["total_s"],
-            "text_s": t["text_s"],
-            "picture_and_weights_s": t["before_steps_s"],
-            "first_step_s": t["step_s"][0],
-            "later_step_median_s": later[len(later) // 2] if later else None,
-            "denoise_s": sum(t["step_s"]),
-            "decode_s": t["decode_s"],
-            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else 0.0,
-        }
-    import diffusers
-
-    for r in results.values():
-        r["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__}
-        r["device"] = torch.cuda.get_device_name() if cuda else "cpu"
-    return results
+        results[name] = clock_result(
+            t,
+            cuda,
+            text_s=t["text_s"],
+            picture_and_weights_s=t["before_steps_s"],
+            first_step_s=t["step_s"][0],
+            later_step_median_s=later[len(later) // 2] if later else None,
+        )
+    return stamp(results, cuda)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -381,7 +374,7 @@ def main():
     a = ap.parse_args()
     if a.worker:
         return serve({"qwen_nb": run_qwen_nb, "diffusers": run_diffusers}, a.worker, a.config, a.out)
-    from common import device_name, print_table, write_report
+    from common import finish, print_table, write_report
 
     width, height = (int(v) for v in (a.size or ("64x64" if a.tiny else "1024x1024")).split("x"))
     if width != height:
@@ -419,14 +412,11 @@ def main():
         "Random weights: the images are noise; they show both pipelines ran to the end.",
     ]
     ok = side_by_side(__file__, cfg, images, a, "QwenImage21Pipeline", notes)
-    print_table(ok)
-    for k, v in ok.items():
-        print(
-            f"{k:28s} text {v['text_s']:.3f} s, first step {v['first_step_s']:.3f} s, later steps "
-            f"{v['later_step_median_s'] or 0:.3f} s, decode {v['decode_s']:.3f} s; peak {v['peak_gb']:.2f} GB"
-        )
-    path = write_report(name, cfg, ok, " ".join(notes), out_dir=out_dir)
-    print(f"wrote {path} on {device_name()}")
+    finish(
+        name, cfg, ok, notes, out_dir,
+        lambda k, v: f"{k:28s} text {v['text_s']:.3f} s, first step {v['first_step_s']:.3f} s, later steps "
+        f"{v['later_step_median_s'] or 0:.3f} s, decode {v['decode_s']:.3f} s; peak {v['peak_gb']:.2f} GB",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

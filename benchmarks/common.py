@@ -83,3 +83,13 @@ def print_table(results: dict) -> None:
         print(
             f"{name:40s} {r['median_s'] * 1e3:10.2f} ms  x{base / r['median_s']:5.2f}  peak {r.get('peak_gb', 0):.2f} GB"
         )
+
+
+def finish(name: str, config: dict, results: dict, notes: list, out_dir: Path, line) -> Path:
+    """The side-by-side table, one `line(name, result)` per result, and the report written (returns its path)."""
+    print_table(results)
+    for k, v in results.items():
+        print(line(k, v))
+    path = write_report(name, config, results, " ".join(notes), out_dir=out_dir)
+    print(f"wrote {path} on {device_name()}")
+    return path

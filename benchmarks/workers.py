@@ -97,6 +97,26 @@ def flow_scheduler(**overrides):
     return FlowMatchEulerDiscreteScheduler(**{**config, **overrides})
 
 
+def random_qwen_image(sizes: dict, **token_ids):
+    """diffusers' Qwen-Image transformer and VAE and transformers' Qwen2.5-VL (see `qwen25_vl`) with random weights
+    made straight in bfloat16 on the CUDA device when there is one (no float32 copy): (transformer, vae,
+    text_encoder, device)."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            transformer = QwenImageTransformer2DModel(**sizes["transformer"])
+            vae = AutoencoderKLQwenImage(**sizes["vae"])
+            text_encoder = qwen25_vl(sizes, **token_ids)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return transformer, vae, text_encoder, device
+
+
 def qwen25_vl(sizes: dict, **token_ids):
     """transformers' Qwen2_5_VLForConditionalGeneration from a benchmark's sizes ("text" with its "mrope_section",
     "vision"), built in the current default dtype and device; `token_ids` (image_token_id=...) as the config takes."""
@@ -109,6 +129,38 @@ def qwen25_vl(sizes: dict, **token_ids):
         text_config=dict(**text, rms_norm_eps=1e-6, rope_parameters=rope), vision_config=sizes["vision"], **token_ids
     )
     return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def stamp(results: dict, cuda: bool) -> dict:
+    """diffusers' results with the torch and diffusers versions and the device's name added."""
+    import diffusers
+    import torch
+
+    for r in results.values():
+        r["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+        r["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    return results
+
+
+def clock_result(t: dict, cuda: bool, **fields) -> dict:
+    """A diffusers result from `StageClock.run`'s times: the whole call as median_s, `fields` (what each benchmark
+    names its stages), the steps' sum, the decode and the peak memory."""
+    steps = t["step_s"]
+    return {
+        "median_s": t["total_s"],
+        **fields,
+        "step_median_s": sorted(steps)[len(steps) // 2],
+        "denoise_s": sum(steps),
+        "decode_s": t["decode_s"],
+        "peak_gb": peak_gb(cuda),
+    }
+
+
+def peak_gb(cuda: bool) -> float:
+    """torch's peak allocated memory on the CUDA device since the last reset, GB (0 on a CPU: not measured)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else 0.0
 
 
 class StageClock:

@@ -11,15 +11,14 @@ shape (capacity, training), not that it fails to combine known words; if the VAE
 the VAE is not what loses it.
 """
 
-import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from qwen_nb import QwenImagePipeline
 from qwen_nb.demo_data import (
     COLOURS,
     IMAGE_SIZE,
@@ -35,18 +34,17 @@ from qwen_nb.demo_data import (
     validation_scenes,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from held_out_all import ROOT, draw, open_model  # noqa: E402
+
 OUT = ROOT / "assets" / "demo_shapes.json"
 
 
 def confusion(pipe, scenes, cfg: float) -> dict:
     """{"right": n, "n": len, "asked->seen": count of each wrong pair}."""
     wrong, right = Counter(), 0
-    for i, s in enumerate(scenes):
-        image = pipe.generate(
-            s.caption, height=IMAGE_SIZE, width=IMAGE_SIZE, steps=20, cfg_scale=cfg, seed=i, progress=False
-        )
-        r = check(np.array(image), s.caption)
+    for s, image in zip(scenes, draw(pipe, scenes, cfg)):
+        r = check(image, s.caption)
         if r.shape_ok:
             right += 1
         else:
@@ -74,11 +72,7 @@ def vae_round_trip(vae, per_shape: int = 24) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=ROOT / "assets" / "demo")
-    p.add_argument("--name", default="assets/demo", help="the entry's name in the JSON")
-    args = p.parse_args(argv)
-    pipe = QwenImagePipeline.from_pretrained(args.model, dtype=mx.float32, verbose=False)
+    args, pipe = open_model(__doc__.split("\n\n")[0], argv)
     sets = {
         "training_36": sample_scenes(np.random.default_rng(5), 36, training_scenes()),
         "validation_20": validation_scenes(),
