@@ -135,6 +135,12 @@ def main(argv=None):
         default=None,
         help="draw training pictures of some shapes more often, e.g. square=3 (the others weigh 1)",
     )
+    p.add_argument(
+        "--sigma-power",
+        type=float,
+        default=1.0,
+        help="draw u**power for the noise level: above 1, the low noise levels (edges, corners) more often",
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
     p.add_argument("--eval-every", type=int, default=100, help="score the EMA weights every so many steps")
     p.add_argument("--fresh", action="store_true", help="discard the run folder first")

@@ -571,7 +571,8 @@ def flow_batches(args, pool, pool_caption, caption_embeds, caption_len, uncond):
         txt[drop] = un_e
         lengths[drop] = uncond.shape[0]
         mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
-        sigma = train_sigmas(rng.random(B)).astype(np.float32)
+        u = rng.random(B) ** getattr(args, "sigma_power", 1.0)  # a power > 1 draws low noise levels more often
+        sigma = train_sigmas(u).astype(np.float32)
         noise = rng.standard_normal(pool[idx].shape).astype(np.float32)
         return pool[idx], txt, mask, sigma, noise
 
