@@ -33,6 +33,11 @@ combinations the 16 test captions do not use), so that the test captions measure
   drawn as circles, on training captions as much as held-out ones (training/shape_diagnosis.py).
 - run 4, the same with `--shape-weights square=3`: validation shapes 13-15/20 with CFG 4 over its first 400 steps
   (stopped there: no better than run 3).
+- run 5, `--sigma-power 2 --lr 2e-4` (low noise levels, where edges form, drawn more often): validation 14-16/20 and
+  17-18/20 through step 1100 (stopped): its squares fill 72-89% of their bounding boxes with CFG 4 (a square
+  fills 100%, a circle 79%), the shipped model's 73-91%: rounded corners either way, read as circles.
+The squares are the wall: see training/shape_diagnosis.py. A model that draws their corners needs more capacity or
+much longer training than a CPU fine-tune gives (the next attempt belongs on the GPU: train_demo.py --fresh).
 """
 
 import argparse
