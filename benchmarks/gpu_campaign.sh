@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_campaign.sh both          # the first two in one call, quantized variants left out
 #   bash benchmarks/gpu_campaign.sh memory        # the generation with eval every 10 / 5 blocks, or a memory limit
 #   bash benchmarks/gpu_campaign.sh training      # the embedded demo model trained from scratch on the GPU
+#   bash benchmarks/gpu_campaign.sh training_wide # the same, 6 heads wide (resumable across calls)
 #   bash benchmarks/gpu_campaign.sh restructure   # before/after a change: the transformer forward (with mflux) and the
 #                                                 # whole generation (with diffusers), the older tree in .before/
 #   bash benchmarks/gpu_campaign.sh fast          # 8 and 4 Lightning steps, CFG off, a rank-64 LoRA fused, vs diffusers
@@ -64,6 +65,15 @@ case "${1:-}" in
     tar -cf "$out/demo.tar" -C /tmp demo_gpu  # the checkpoint folder (bfloat16, ~9 MB): untar it into assets/
     cp /tmp/demo_run/held_out_grid.png "$out/"
     ;;
+  training_wide)  # the demo model with a 1.5x wider transformer (6 heads of 32: 18 MB in bfloat16), the shapes' next try;
+    # resumable: each call trains until its limit (checkpoints every 100 steps in /tmp/demo_wide, kept while the
+    # machine stays warm); repeat the call until it prints "wrote", then untar demo.tar into assets/
+    timeout 570 "$py" training/train_demo.py --run /tmp/demo_wide --out /tmp/demo_wide_out --heads 6 --steps 3500 \
+      --curves "$out/demo_training_curves.png" --samples "$out/demo_samples.png" --max-minutes 8.5 2>&1 \
+      | tr '\r' '\n' | grep -v "step/s\]$" > "$out/training_wide.log"
+    tail -8 "$out/training_wide.log"
+    [ -d /tmp/demo_wide_out ] && tar -cf "$out/demo.tar" -C /tmp demo_wide_out
+    ;;
   restructure)  # .before/qwen_nb_before (the old package, renamed) and .before/tree (the old tree, as it was)
     timeout 200 "$py" benchmarks/bench_vs_mflux.py --layers 60 --side 1024 --txt 128 --repeats 7 --before .before \
       --name transformer_before_after_h200 2>&1 | tee "$out/before_after.log" | tail -8
@@ -116,5 +126,5 @@ case "${1:-}" in
       2>&1 | tee "$out/edit_pipeline.log" | tail -16
     rm -rf "$out"/*_images
     ;;
-  *) echo "usage: gpu_campaign.sh transformer|pipeline|memory|vae|training|restructure|fast|fast_variants|quantized_lora|qwen21|edit_pipeline" >&2; exit 2 ;;
+  *) echo "usage: gpu_campaign.sh transformer|pipeline|memory|vae|training|restructure|fast|fast_variants|quantized_lora|qwen21|edit_pipeline|training_wide" >&2; exit 2 ;;
 esac

@@ -272,3 +272,17 @@ def test_cli_draws_a_triangle_in_seconds(tmp_path):
     assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     result = check(image, prompt)
     assert result.ok and result.shape_seen == "triangle", result
+
+
+def test_validation_captions_are_the_held_out_ones_the_test_does_not_use():
+    """What a training run selects on (demo_data.validation_scenes) never overlaps the 16 test captions and is held
+    out of training: together they cover all 9 x 4 held-out (colour, position, shape) combinations once."""
+    validation, test = demo_data.validation_scenes(), demo_data.test_scenes(16)
+    combo = lambda s: (s.colour, s.shape, s.position)  # noqa: E731
+    held = {(c, s, p) for c, p in demo_data.held_out_pairs() for s in demo_data.SHAPES}
+    assert len(held) == 36 and len(validation) == 20
+    assert {combo(s) for s in validation} | {combo(s) for s in test} == held
+    assert not {combo(s) for s in validation} & {combo(s) for s in test}
+    assert all(s.background != s.colour for s in validation)
+    training = {s.caption for s in demo_data.training_scenes()}
+    assert not training & {s.caption for s in validation}

@@ -68,7 +68,7 @@ TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
 
 def load_demo_transformer(folder: Path) -> QwenImageTransformer:
     """The plain (unfused, trainable) transformer with the checkpoint's weights in float32."""
-    model = QwenImageTransformer(TransformerConfig(**td.TRANSFORMER))
+    model = QwenImageTransformer(TransformerConfig.from_folder(folder / "transformer"))  # whatever size it has
     weights = mx.load(str(folder / TRANSFORMER_FILE))
     model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
     return model

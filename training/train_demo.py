@@ -599,8 +599,8 @@ def train_transformer(args, run_dir, pool, pool_caption, caption_embeds, caption
         if args.eval_every and (st["step"] % args.eval_every == 0 or st["step"] == args.steps):
             s4, _ = evaluate(model, EVAL_CFG)
             s1, _ = evaluate(model, 1.0)
-            st["extra"].append({"step": st["step"], "held_out_cfg4": s4, "held_out_cfg1": s1})
-            tqdm.write(f"step {st['step']}: held-out, CFG {EVAL_CFG:g}: {describe(s4)}; CFG 1: {describe(s1)}")
+            st["extra"].append({"step": st["step"], "validation_cfg4": s4, "validation_cfg1": s1})
+            tqdm.write(f"step {st['step']}: validation, CFG {EVAL_CFG:g}: {describe(s4)}; CFG 1: {describe(s1)}")
 
     st = train_loop(
         Run(run_dir, "transformer"), model, opt, step, batch, args.steps, args, "transformer", on_checkpoint
@@ -934,12 +934,17 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--layers", type=int, default=TRANSFORMER["num_layers"], help="transformer blocks")
+    p.add_argument(
+        "--heads", type=int, default=TRANSFORMER["num_attention_heads"], help="attention heads of 32 (width/32)"
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="stop each training stage after this long")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=1000, help="held-out score every so many transformer steps")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="storage dtype")
     p.add_argument("--fresh", action="store_true", help="discard the run folder's checkpoints first")
     args = p.parse_args(argv)
+    TRANSFORMER.update(num_layers=args.layers, num_attention_heads=args.heads)  # the size trained and exported
     dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}[args.dtype]
     if args.fresh and args.run.exists():
         shutil.rmtree(args.run)
@@ -967,8 +972,8 @@ def main(argv=None):
     un, un_mask = encode_prompt(tokenizer, encoder, " ")
     uncond = np.array(un[0])
 
-    def evaluate(model, cfg):
-        return held_out_score(model, vae, tokenizer, encoder, cfg)
+    def evaluate(model, cfg):  # the validation captions: the 16 test ones score the exported model only
+        return held_out_score(model, vae, tokenizer, encoder, cfg, scenes=demo_data.validation_scenes())
 
     transformer, tr_state = train_transformer(
         args, args.run, pool, pool_caption, caption_embeds, caption_len, uncond, evaluate
