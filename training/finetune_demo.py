@@ -45,6 +45,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -66,11 +67,19 @@ from qwen_nb.vae import load_vae  # noqa: E402
 TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
 
 
-def load_demo_transformer(folder: Path) -> QwenImageTransformer:
-    """The plain (unfused, trainable) transformer with the checkpoint's weights in float32."""
-    model = QwenImageTransformer(TransformerConfig.from_folder(folder / "transformer"))  # whatever size it has
-    weights = mx.load(str(folder / TRANSFORMER_FILE))
-    model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()])
+def load_demo_transformer(folder: Path, add_layers: int = 0) -> QwenImageTransformer:
+    """The plain (unfused, trainable) transformer with the checkpoint's weights in float32 (whatever its size), with
+    `add_layers` new blocks after the last whose modulation weights are zero: their gates start at 0, so each new
+    block passes both streams through unchanged and the model draws what the checkpoint drew (adaLN-zero)."""
+    config = TransformerConfig.from_folder(folder / "transformer")
+    model = QwenImageTransformer(replace(config, num_layers=config.num_layers + add_layers))
+    weights = {k: v.astype(mx.float32) for k, v in mx.load(str(folder / TRANSFORMER_FILE)).items()}
+    for i in range(config.num_layers, config.num_layers + add_layers):
+        for stream in ("img_mod", "txt_mod"):
+            for part in ("weight", "bias"):
+                name = f"transformer_blocks.{i}.{stream}.1.{part}"
+                weights[name] = mx.zeros_like(dict(tree_flatten(model.parameters()))[name])
+    model.load_weights(list(weights.items()), strict=False)  # the new blocks' other weights keep their init
     return model
 
 
@@ -80,12 +89,18 @@ def stored(params: dict) -> dict:
 
 
 def export_candidate(base: Path, out: Path, params: dict) -> None:
-    """`base` copied to `out` with the transformer's weights replaced (bfloat16 storage, diffusers' names)."""
+    """`base` copied to `out` with the transformer's weights replaced (bfloat16 storage, diffusers' names) and its
+    config's num_layers set to theirs."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(base, tmp)
-    td.save_weights(dict(tree_flatten(params)), tmp / TRANSFORMER_FILE, mx.bfloat16)
+    flat = dict(tree_flatten(params))
+    td.save_weights(flat, tmp / TRANSFORMER_FILE, mx.bfloat16)
+    config_path = tmp / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_layers"] = 1 + max(int(k.split(".")[1]) for k in flat if k.startswith("transformer_blocks."))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -146,6 +161,7 @@ def main(argv=None):
         default=1.0,
         help="draw u**power for the noise level: above 1, the low noise levels (edges, corners) more often",
     )
+    p.add_argument("--add-layers", type=int, default=0, help="new blocks after the last, starting as identities")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
     p.add_argument("--eval-every", type=int, default=100, help="score the EMA weights every so many steps")
     p.add_argument("--fresh", action="store_true", help="discard the run folder first")
@@ -170,8 +186,8 @@ def main(argv=None):
     tokenizer = QwenTokenizer.from_pretrained(args.base / "tokenizer")
     encoder = load_text_encoder(args.base / "text_encoder", mx.float32)
     vae = load_vae(args.base / "vae", mx.float32)
-    model = load_demo_transformer(args.base)
-    ema_model = load_demo_transformer(args.base)  # the weights being evaluated
+    model = load_demo_transformer(args.base, args.add_layers)
+    ema_model = load_demo_transformer(args.base, args.add_layers)  # the weights being evaluated
 
     t = time.perf_counter()
     raw, pool_caption = td.encode_pool(vae, args, args.run)
