@@ -36,6 +36,10 @@ combinations the 16 test captions do not use), so that the test captions measure
 - run 5, `--sigma-power 2 --lr 2e-4` (low noise levels, where edges form, drawn more often): validation 14-16/20 and
   17-18/20 through step 1100 (stopped): its squares fill 72-89% of their bounding boxes with CFG 4 (a square
   fills 100%, a circle 79%), the shipped model's 73-91%: rounded corners either way, read as circles.
+- run 6, `--add-layers 3` (9 blocks, the 3 new ones starting as identities), run 3's settings, stopped at step 1400
+  (38 minutes): validation 14-16/20 and 17-18/20 throughout; the pick (step 400, 16/20 and 18/20) reads 11/16 with CFG
+  4 and 12/16 with cfg 1 on the test captions; its training-caption squares still fill 68-93% (1 of 13 right with
+  CFG 4).
 The squares are the wall: see training/shape_diagnosis.py. A model that draws their corners needs more capacity or
 much longer training than a CPU fine-tune gives (the next attempt belongs on the GPU: train_demo.py --fresh).
 """
