@@ -5,7 +5,10 @@ Full-size models (the 32-block single-stream transformer, Qwen3-VL-8B-shaped tex
 one with a condition picture, each with the KV cache on and off, at 1024x1024 (the condition picture 1024x1024 too),
 20 steps, no CFG (2.1's default). Each framework runs in its own subprocess of this script (one process tree, memory
 not shared); each variant runs a 2-step warm-up generation first, then the timed one with another prompt: text
-encoding, condition-picture encoding, every step, the decode, and the peak memory.
+encoding, condition-picture encoding, every step, the decode, and the peak memory. qwen_nb runs its four variants
+resident (every model kept, as diffusers runs and as the pipeline's plan picks on a card this large), then the two
+with the cache sequenced (the text encoder freed before the transformer is read: its smallest peak; reading the
+transformer again after each prompt is `weights_s`, reported apart from `median_s`).
 
     python benchmarks/bench_qwen21.py [--tiny] [--steps 20] [--size 1024x1024] [--cfg 4]
                                       [--peer-python /path/to/python-with-torch-and-diffusers] [--no-peer]
