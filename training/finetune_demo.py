@@ -78,11 +78,10 @@ def load_demo_transformer(folder: Path, add_layers: int = 0) -> QwenImageTransfo
     config = TransformerConfig.from_folder(folder / "transformer")
     model = QwenImageTransformer(replace(config, num_layers=config.num_layers + add_layers))
     weights = {k: v.astype(mx.float32) for k, v in mx.load(str(folder / TRANSFORMER_FILE)).items()}
-    for i in range(config.num_layers, config.num_layers + add_layers):
-        for stream in ("img_mod", "txt_mod"):
-            for part in ("weight", "bias"):
-                name = f"transformer_blocks.{i}.{stream}.1.{part}"
-                weights[name] = mx.zeros_like(dict(tree_flatten(model.parameters()))[name])
+    new_blocks = {f"transformer_blocks.{i}." for i in range(config.num_layers, config.num_layers + add_layers)}
+    for name, value in tree_flatten(model.parameters()):
+        if any(name.startswith(b) for b in new_blocks) and ("img_mod.1." in name or "txt_mod.1." in name):
+            weights[name] = mx.zeros_like(value)
     model.load_weights(list(weights.items()), strict=False)  # the new blocks' other weights keep their init
     return model
 
