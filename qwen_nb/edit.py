@@ -167,25 +167,16 @@ class QwenImageEditPipeline(QwenImagePipeline):
             raise ValueError("fast= is not taken by the edit pipelines: call pipe.use_lightning(steps) after loading")
         verbose = options.get("verbose", True)
         folder = resolve(repo_id_or_folder, revision, cache_dir, verbose, vision=True)
-        kind, max_pictures, vision_config = edit_checkpoint(folder)
+        kind, _, vision_config = edit_checkpoint(folder)
         pipe = super().from_pretrained(folder, dtype, quantize, **options)
-        pipe.kind, pipe.max_pictures, pipe.vision_config = kind, max_pictures, vision_config
-        pipe.zero_cond_t = TransformerConfig.from_folder(folder / "transformer").zero_cond_t
-        pipe.processor = QwenVLProcessor.from_pretrained(folder / "processor")
-        pad = pipe.processor.tokenizer.tokenizer.token_to_id(IMAGE_PAD)
-        if pad != vision_config.image_token_id:
-            raise ValueError(
-                f"{folder / 'processor'}'s tokenizer gives {IMAGE_PAD} the id {pad}, but the text encoder takes picture "
-                f"tokens as id {vision_config.image_token_id}: the two folders are not from one checkpoint"
-            )
         index = json.loads((folder / "model_index.json").read_text())
-        pipe.vae_area = int(index.get("_vae_image_area", VAE_AREA))
-        pipe.condition_area = CONDITION_AREA
-        # "plain": 0..L-1, as diffusers 0.42.1 runs transformers 5 (no mm_token_type_ids); "mrope": Qwen2.5-VL's
-        # 3-D positions of get_rope_index, as the model was trained (and transformers when given mm_token_type_ids)
-        pipe.text_positions = "plain"
-        pipe.vision = ComponentStore(
-            {"vision_tower": lambda: load_vision_tower(folder / "text_encoder", pipe.options.dtype)}
+        pipe._edit_parts(
+            kind,
+            QwenVLProcessor.from_pretrained(folder / "processor"),
+            vision_config,
+            lambda: load_vision_tower(folder / "text_encoder", pipe.options.dtype),
+            int(index.get("_vae_image_area", VAE_AREA)),
+            TransformerConfig.from_folder(folder / "transformer").zero_cond_t,
         )
         return pipe
 
@@ -216,13 +207,28 @@ class QwenImageEditPipeline(QwenImagePipeline):
         pipe = super().from_components(
             processor.tokenizer, transformer, text_encoder, vae, scheduler_config, native_size=native_size, **options
         )
-        pipe.kind, pipe.max_pictures = kind, takes[kind]
-        pipe.vision_config = vision_config or VisionConfig()
-        pipe.zero_cond_t = pipe.transformer.config.zero_cond_t
-        pipe.processor = processor
-        pipe.vae_area, pipe.condition_area, pipe.text_positions = int(vae_area), CONDITION_AREA, "plain"
-        pipe.vision = ComponentStore({"vision_tower": as_builder(vision_tower)})
+        vision_config = vision_config or VisionConfig()
+        zero_cond_t = pipe.transformer.config.zero_cond_t
+        pipe._edit_parts(kind, processor, vision_config, as_builder(vision_tower), int(vae_area), zero_cond_t)
         return pipe
+
+    def _edit_parts(self, kind: str, processor, vision_config, vision_tower, vae_area: int, zero_cond_t: bool):
+        """What an edit pipeline holds beside a text-to-image one (from_pretrained and from_components): the kind
+        and how many pictures it takes, the processor (its picture token checked against the text encoder's), the
+        vision tower's builder, the picture areas and the text positions."""
+        self.kind, self.max_pictures = kind, dict(KINDS.values())[kind]
+        self.vision_config, self.zero_cond_t, self.processor = vision_config, zero_cond_t, processor
+        pad = processor.tokenizer.tokenizer.token_to_id(IMAGE_PAD)
+        if pad != vision_config.image_token_id:
+            raise ValueError(
+                f"the processor's tokenizer gives {IMAGE_PAD} the id {pad}, but the text encoder takes picture tokens "
+                f"as id {vision_config.image_token_id}: the processor and the text encoder are not from one checkpoint"
+            )
+        self.vae_area, self.condition_area = vae_area, CONDITION_AREA
+        # "plain": 0..L-1, as diffusers 0.42.1 runs transformers 5 (no mm_token_type_ids); "mrope": Qwen2.5-VL's
+        # 3-D positions of get_rope_index, as the model was trained (and transformers when given mm_token_type_ids)
+        self.text_positions = "plain"
+        self.vision = ComponentStore({"vision_tower": vision_tower})
 
     @property
     def vision_tower(self):
