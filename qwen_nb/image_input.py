@@ -132,10 +132,13 @@ def packed_mask(mask: np.ndarray, factor: int, channels: int, patch: int = 2) ->
 
 def inpaint_blend(image_latents: mx.array, noise: mx.array, mask: mx.array, sigmas: np.ndarray):
     """`blend(i, x)` for `sampling.denoise`: after step i the kept region (mask False) is the picture's latents
-    noised to the next sigma (at the last step, sigma 0: the picture's latents themselves)."""
+    noised to the next sigma; after the last step, the picture's latents themselves (as diffusers: not noised to
+    the terminal sigma, which is 1 under invert_sigmas)."""
+    last = len(sigmas) - 2
 
     def blend(i: int, x: mx.array) -> mx.array:
-        return mx.where(mask, x, noised(image_latents, noise, sigmas[i + 1]))
+        kept = image_latents if i >= last else noised(image_latents, noise, sigmas[i + 1])
+        return mx.where(mask, x, kept.astype(x.dtype))
 
     return blend
 

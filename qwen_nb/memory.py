@@ -93,7 +93,8 @@ def activation_bytes(
     hidden, inter = te.get("hidden_size", 3584), te.get("intermediate_size", 18944)
     text = S * (4 * hidden + 3 * inter) * item + (0 if fused else 2 * te.get("num_attention_heads", 28) * S * S * 4)
 
-    pixels, latent_pixels = height * width, (height // 8) * (width // 8)
+    factor = 2 ** len(vae.get("temperal_downsample", (False, True, True)))  # diffusers' vae_scale_factor
+    pixels, latent_pixels = height * width, (height // factor) * (width // factor)
     decoder_width = vae.get("decoder_base_dim") or vae.get("base_dim", 96)  # 2.1's decoder is wider than its encoder
     decode = 8 * pixels * decoder_width * item + (0 if fused else 2 * latent_pixels**2 * 4)
     return {"text": text, "denoise": denoise, "decode": decode}

@@ -68,6 +68,7 @@ ASPECTS = {
 DEFAULT_SIZE = (1024, 1024)  # (height, width) for a checkpoint that does not say its native size
 DEFAULT_SAMPLE_SIZE = 128  # diffusers' default_sample_size: latent pixels a side; the default side is this x the VAE's
 DEFAULT_STEPS, DEFAULT_CFG = 20, 4.0
+PACK = 2  # diffusers' pipelines pack the latents in 2x2 patches (vae_scale_factor * 2, in_channels // 4)
 
 # lightx2v's step-distilled Qwen-Image (ModelTC/Qwen-Image-Lightning): a LoRA per step count, the schedule it was
 # distilled with (exponential time shift with base_shift = max_shift = ln 3, no terminal stretch), and CFG off.
@@ -289,20 +290,26 @@ class Sizes:
 
     @classmethod
     def read(cls, transformer: TransformerConfig, vae: VAEConfig, native=None) -> "Sizes":
-        if transformer.latent_channels != vae.z_dim:
+        """As diffusers' pipelines read them: the latents are packed in 2x2 patches whatever the transformer's
+        patch_size (which only sizes its output layer: patch_size^2 x out_channels values a token), so the
+        transformer takes in_channels = 4 x z_dim and must predict as many."""
+        patch = PACK
+        if transformer.in_channels != patch * patch * vae.z_dim:
             raise ValueError(
-                f"the transformer takes {transformer.in_channels} channels = {transformer.patch_size}^2 patches x "
-                f"{transformer.latent_channels} latent channels, but the VAE's z_dim is {vae.z_dim}: the two are "
-                "not from one checkpoint"
+                f"the transformer takes {transformer.in_channels} channels = {patch}^2 patches x "
+                f"{transformer.in_channels / patch**2:g} latent channels, but the VAE's z_dim is {vae.z_dim}: the two "
+                "are not from one checkpoint"
             )
-        if transformer.out_channels != vae.z_dim:
+        predicted = transformer.patch_size**2 * transformer.out_channels
+        if predicted != transformer.in_channels:
             raise ValueError(
-                f"the transformer predicts {transformer.out_channels} latent channels, but the VAE's z_dim is "
-                f"{vae.z_dim}: the two are not from one checkpoint"
+                f"the transformer predicts {predicted} values a token (patch_size^2 {transformer.patch_size**2} x "
+                f"out_channels {transformer.out_channels}) = {predicted / patch**2:g} latent channels, but the VAE's "
+                f"z_dim is {vae.z_dim}: the two are not from one checkpoint"
             )
         side = DEFAULT_SAMPLE_SIZE * vae.scale_factor  # 1024 for the real VAE's 8
         size = (side, side) if native is None else tuple(int(v) for v in native)
-        return cls(vae.z_dim, vae.scale_factor, transformer.patch_size, size, native is not None)
+        return cls(vae.z_dim, vae.scale_factor, patch, size, native is not None)
 
     @property
     def multiple(self) -> int:
@@ -706,13 +713,18 @@ class QwenImagePipeline(LoraMethods):
         if latents is None:
             check_seed(seed)
             return mx.random.normal(shape, key=mx.random.key(seed)).astype(self.dtype)
-        z = mx.array(latents) if not isinstance(latents, mx.array) else latents
+        z = latents if isinstance(latents, mx.array) else mx.array(np.asarray(latents))
+        grid, p = self.sizes.grid(height, width), self.sizes.patch
+        packed = (1, grid[0] * grid[1], shape[1] * p * p)
         if tuple(z.shape) == (1, 1, *shape[1:]):  # diffusers' (B, 1, C, h, w) before packing
             z = z.reshape(shape)
+        elif tuple(z.shape) == packed:  # diffusers' `latents=`: packed 2x2 patches
+            z = unpack_latents(z, grid, p)
         if tuple(z.shape) != shape:
             raise ValueError(
                 f"latents have shape {tuple(z.shape)}; for a {height}x{width} (H x W) image they must be {shape} "
-                f"(or {(1, 1, *shape[1:])}, as diffusers draws them before packing)"
+                f"(or {(1, 1, *shape[1:])}, as diffusers draws them before packing, or {packed}, packed as diffusers' "
+                "latents= takes them)"
             )
         return z.astype(self.dtype)
 
@@ -815,7 +827,7 @@ class QwenImagePipeline(LoraMethods):
         "no negative prompt", which still runs CFG; diffusers' default None turns it off). height and width default
         to the checkpoint's native size (1024x1024 for the real ones); steps and cfg_scale to 20 and 4.0 (after
         `use_lightning(n)`: n and 1.0). `latents` is the noise (1, C, H/8, W/8)
-        before packing; otherwise it is drawn from `seed` (random when None; the seed used is in `last_stats`).
+        before packing (or packed, (1, H/16 * W/16, 4 C), as diffusers' `latents=`); otherwise it is drawn from `seed` (random when None; the seed used is in `last_stats`).
 
         With `image` (a PIL image, a path, or a uint8 array) it is diffusers' QwenImageImg2ImgPipeline(...,
         image=image, strength=strength): the picture is resized (Lanczos) to height x width, which default to the

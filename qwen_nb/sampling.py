@@ -73,9 +73,10 @@ class Schedule:
 
     def model_sigmas(self, dtype: mx.Dtype) -> mx.array:
         """The sigmas the transformer sees, one per step: diffusers passes `timestep = t.to(latents.dtype) / 1000`,
-        so each is rounded through 1000 sigma in the dtype (bfloat16: 989.70 -> 988)."""
+        so each is rounded through 1000 sigma in the dtype (bfloat16: 989.70 -> 988). The 1000 is the pipeline's
+        literal, not the scheduler's num_train_timesteps (t is sigma x num_train_timesteps)."""
         t = mx.array(self.timesteps, dtype=mx.float32).astype(dtype)
-        return t / self.num_train_timesteps
+        return t / 1000
 
     def key(self, dtype: mx.Dtype) -> tuple:
         """What a modulation table for this schedule depends on."""

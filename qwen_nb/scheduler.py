@@ -26,6 +26,10 @@ FLOW_MATCH_DEFAULTS = dict(
     max_image_seq_len=4096,
     shift_terminal=None,
     time_shift_type="exponential",
+    use_karras_sigmas=False,
+    use_exponential_sigmas=False,
+    use_beta_sigmas=False,
+    invert_sigmas=False,
 )
 
 
@@ -43,23 +47,23 @@ class SchedulerConfig(Config):
     use_dynamic_shifting: bool = True
     time_shift_type: str = "exponential"
     shift: float = 1.0
+    use_karras_sigmas: bool = False  # the shifted sigmas respaced as diffusers' _convert_to_karras (rho 7)
+    use_exponential_sigmas: bool = False  # ... log-uniformly, as _convert_to_exponential
+    use_beta_sigmas: bool = False  # refused: diffusers needs scipy's beta.ppf for it
+    invert_sigmas: bool = False  # 1 - sigma, ending at 1 (Mochi's), as diffusers does it
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
         cfg = super().from_dict({**FLOW_MATCH_DEFAULTS, **d})
-        unsupported = [
-            k
-            for k in (
-                "use_karras_sigmas",
-                "use_exponential_sigmas",
-                "use_beta_sigmas",
-                "invert_sigmas",
-                "stochastic_sampling",
-            )
-            if d.get(k)
-        ]
+        unsupported = [k for k in ("use_beta_sigmas", "stochastic_sampling") if d.get(k)]
         if unsupported:
-            raise ValueError(f"scheduler options {unsupported} are not supported by qwen_nb's flow-match Euler")
+            raise ValueError(
+                f"scheduler options {unsupported} are not supported by qwen_nb's flow-match Euler (beta sigmas need "
+                "scipy's beta.ppf; stochastic sampling draws fresh noise from torch's global generator every step)"
+            )
+        spacings = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if d.get(k)]
+        if len(spacings) > 1:
+            raise ValueError(f"only one of {spacings} can be used (diffusers' rule)")
         if cfg.time_shift_type not in ("exponential", "linear"):
             raise ValueError(f"unknown time_shift_type {cfg.time_shift_type!r}; expected 'exponential' or 'linear'")
         return cfg
@@ -115,7 +119,20 @@ def flow_match_sigmas(steps: int, image_seq_len: int, cfg: SchedulerConfig | Non
         # from pure noise, x0 = x - v.
         one_minus = 1 - s
         s = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
-    return np.concatenate([s.astype(np.float32), np.zeros(1, np.float32)])
+    s = s.astype(np.float32)
+    if cfg.use_karras_sigmas or cfg.use_exponential_sigmas:
+        # diffusers respaces between the last and the first shifted sigma, in float64, then casts to float32
+        lo, hi = float(s[-1]), float(s[0])
+        if cfg.use_karras_sigmas:
+            rho = 7.0
+            ramp = np.linspace(0, 1, steps)
+            s = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        else:
+            s = np.exp(np.linspace(math.log(hi), math.log(lo), steps))
+        s = s.astype(np.float32)
+    if cfg.invert_sigmas:  # diffusers' Mochi option: 1 - sigma, the terminal value 1
+        return np.concatenate([np.float32(1) - s, np.ones(1, np.float32)])
+    return np.concatenate([s, np.zeros(1, np.float32)])
 
 
 class FlowMatchEulerScheduler:

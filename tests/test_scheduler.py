@@ -152,7 +152,9 @@ def test_from_pretrained_reads_scheduler_config_json(tmp_path):
 
 
 def test_unsupported_options_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="use_karras_sigmas"):
-        SchedulerConfig.from_dict({**REAL_JSON, "use_karras_sigmas": True})
+    with pytest.raises(ValueError, match="use_beta_sigmas"):
+        SchedulerConfig.from_dict({**REAL_JSON, "use_beta_sigmas": True})
+    with pytest.raises(ValueError, match="stochastic_sampling"):
+        SchedulerConfig.from_dict({**REAL_JSON, "stochastic_sampling": True})
     with pytest.raises(ValueError, match="time_shift_type"):
         SchedulerConfig.from_dict({**REAL_JSON, "time_shift_type": "cosine"})
