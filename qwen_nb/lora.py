@@ -9,7 +9,12 @@ formats in circulation and names every update by the diffusers module it changes
 - the Lightning release and most trainers: `diffusion_model.<module>.lora_down.weight`, `lora_up.weight` and
   `<module>.alpha`;
 - kohya / ComfyUI: `lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight` and `.alpha`, whose flattened names
-  are matched against the transformer's own module names.
+  are turned into dotted ones as diffusers' converter turns them;
+- peft's extras, in diffusers/peft names as diffusers reads them: a bias on B (`lora_B.bias`, peft's lora_bias) and
+  DoRA (`lora_magnitude_vector.weight`, peft's use_dora: W' = m / ||W + s B A||_row * (W + s B A)); diffusers' old
+  `.lora.down.weight` / `.lora.up.weight` names.
+As diffusers, a per-module alpha is folded into the tensors (alpha / r, in their dtype) as they are read, and modules
+the transformer has not (a text encoder's, another variant's) are ignored with a warning when others fit.
 A `LoraStack` holds the LoRAs a pipeline has loaded, each with its scale, and puts them into a transformer: fused
 into the weights (`fuse`, exactly undone by `unfuse`), merged into high-precision weights before quantizing
 (`apply_to_weights`, or `fuse(..., weights=)` on a quantized model), or as low-rank matmuls beside each linear
@@ -21,7 +26,8 @@ import json
 import math
 import re
 import shutil
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -36,6 +42,7 @@ from .quantize import is_timestep_weight
 from .transformer import QwenImageTransformer, TransformerConfig
 from .transformer21 import QwenImage21Transformer, Transformer21Config
 
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FORMATS = (
     "`transformer.<module>.lora_A.weight` / `lora_B.weight` (diffusers/peft), "
@@ -51,17 +58,19 @@ SUFFIXES = {
     ".lora_down.weight": "down",
     ".lora_up.weight": "up",
     ".alpha": "alpha",
+    ".lora_B.bias": "bias",
+    ".lora_magnitude_vector.weight": "magnitude",
 }
+# diffusers' older attention-processor names, which it renames (`convert_unet_state_dict_to_peft`) when the file is
+# read as it is (no alphas, no `lora_unet_` / `diffusion_model.` names, no `default.`)
+LEGACY_SUFFIXES = {".lora.down.weight": "down", ".lora.up.weight": "up"}
 PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.")
 KOHYA_PREFIX = "lora_unet_"
 # adapters that are not a plain LoRA, by a marker in their tensor names
 OTHER_ADAPTERS = {
-    "dora_scale": "DoRA (a LoRA with a learnt magnitude per output: not W + B @ A)",
-    "lora_magnitude_vector": "DoRA (a LoRA with a learnt magnitude per output: not W + B @ A)",
     ".lokr_": "LyCORIS LoKr (Kronecker-product factors, not B @ A)",
     ".hada_": "LyCORIS LoHa (Hadamard-product factors, not B @ A)",
-    ".lora_B.bias": "a LoRA with a bias (peft's lora_bias=True)",
-    ".lora_up.bias": "a LoRA with a bias (peft's lora_bias=True)",
+    ".lora_up.bias": "a LoRA with a bias in kohya's names (diffusers reads peft's `lora_B.bias` only)",
 }
 # names of other models' LoRAs, for the message when a LoRA does not fit
 OTHER_MODELS = {
@@ -90,6 +99,18 @@ def linear_shapes(config: TransformerConfig | Transformer21Config) -> dict[str, 
     return {p: tuple(m.weight.shape) for p, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def _linear_biases(config: TransformerConfig | Transformer21Config) -> dict[str, bool]:
+    """{diffusers module path: whether the linear has a bias} of a transformer of this config (built lazily)."""
+    model = QwenImage21Transformer(config) if isinstance(config, Transformer21Config) else QwenImageTransformer(config)
+    return {p: "bias" in m for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _module_names(config: TransformerConfig | Transformer21Config) -> set[str]:
+    """Every module path of a transformer of this config (built lazily)."""
+    model = QwenImage21Transformer(config) if isinstance(config, Transformer21Config) else QwenImageTransformer(config)
+    return {p for p, _ in model.named_modules()}
+
+
 @cache
 def _flat_names() -> tuple[dict, dict]:
     """kohya's flattened names -> diffusers' dotted ones: ({block-local}, {top-level}), read off a one-block model."""
@@ -103,13 +124,34 @@ def _flat_names() -> tuple[dict, dict]:
     return block, top
 
 
+# the words diffusers' kohya converter keeps together (`_convert_non_diffusers_qwen_lora_to_diffusers`)
+KOHYA_PROTECTED = [
+    ("add", "q", "proj"), ("add", "k", "proj"), ("add", "v", "proj"), ("to", "add", "out"),
+    ("to", "q"), ("to", "k"), ("to", "v"), ("to", "out"), ("add", "q"), ("add", "k"), ("add", "v"),
+    ("txt", "mlp"), ("img", "mlp"), ("txt", "mod"), ("img", "mod"),
+]  # fmt: skip
+
+
 def _unflatten(name: str) -> str:
-    """A kohya module name (`transformer_blocks_0_attn_to_q`) as a diffusers path, or unchanged when it is none."""
-    block, top = _flat_names()
-    m = re.fullmatch(r"transformer_blocks_(\d+)_(.+)", name)
-    if m and m.group(2) in block:
-        return f"transformer_blocks.{m.group(1)}.{block[m.group(2)]}"
-    return top.get(name, name)
+    """A kohya module name (`transformer_blocks_0_attn_to_q`) as the diffusers path diffusers' converter makes of it
+    (the top-level linears by name; in a block, `_` becomes `.` except inside its protected words, so a name it
+    does not know, such as 2.1's `img_mlp_gate_layer`, becomes one no model has, as in diffusers), or unchanged."""
+    _, top = _flat_names()
+    if name in top:
+        return top[name]
+    if not name.startswith("transformer_blocks_"):
+        return name
+    parts, merged, i = name[len("transformer_blocks_") :].split("_"), [], 0
+    while i < len(parts):
+        for ngram in KOHYA_PROTECTED:  # the longest first, as diffusers
+            if tuple(parts[i : i + len(ngram)]) == ngram:
+                merged.append("_".join(ngram))
+                i += len(ngram)
+                break
+        else:
+            merged.append(parts[i])
+            i += 1
+    return "transformer_blocks." + ".".join(merged)
 
 
 def _is_qwen_linear(path: str) -> bool:
@@ -138,12 +180,20 @@ def _names_look_like(config: TransformerConfig | Transformer21Config) -> str:
 # ------------------------------------------------------------------------------------------------ one LoRA
 @dataclass(frozen=True)
 class LoraWeights:
-    """One module's update scale * up @ down: down (r, in), up (out, r); scale is alpha / r (peft's `scaling`)."""
+    """One module's update scale * up @ down: down (r, in), up (out, r); scale is alpha / r (peft's `scaling`).
+
+    `factor` is what multiplies up @ down as stored, when part of `scale` is already in the tensors (diffusers folds
+    a file's per-module alpha / r into them, in their own dtype, as it reads them: so does qwen_nb); None: `scale`.
+    `bias` (out,): peft's `lora_bias` (the update adds factor * bias to the linear's bias). `magnitude` (out,): a
+    DoRA's learnt norms (peft's `use_dora`), the linear becoming m / ||W + s B A||_row * (W + s B A)."""
 
     down: mx.array
     up: mx.array
     scale: float
     alpha: float | None = None  # as the file gives it; None: alpha = rank
+    factor: float | None = None
+    bias: mx.array | None = None
+    magnitude: mx.array | None = None
 
     @property
     def rank(self) -> int:
@@ -153,6 +203,11 @@ class LoraWeights:
     def shape(self) -> tuple[int, int]:
         return self.up.shape[0], self.down.shape[1]
 
+    @property
+    def multiplier(self) -> float:
+        """What multiplies up @ down (and the bias) as stored."""
+        return self.scale if self.factor is None else self.factor
+
 
 @dataclass
 class LoRA:
@@ -161,33 +216,62 @@ class LoRA:
     modules: dict
     format: str
     source: str = "<memory>"
+    ignored: list = field(default_factory=list)  # modules of the file the transformer has not (skipped, as diffusers)
 
     @property
     def targets(self) -> list[str]:
         return sorted(self.modules)
 
     def delta(self, path: str, dtype: mx.Dtype = mx.float32) -> mx.array:
-        """The (out, in) update of one module, scale * up @ down, computed in float32."""
+        """The (out, in) low-rank update of one module, scale * up @ down, computed in float32."""
         w = self.modules[path]
-        return (w.scale * (w.up.astype(mx.float32) @ w.down.astype(mx.float32))).astype(dtype)
+        return (w.multiplier * (w.up.astype(mx.float32) @ w.down.astype(mx.float32))).astype(dtype)
 
     def __repr__(self) -> str:
         ranks = sorted({w.rank for w in self.modules.values()})
         return f"LoRA({len(self.modules)} modules, rank {'/'.join(map(str, ranks))}, {self.format}, from {self.source})"
 
 
-def _split_key(key: str):
-    """(module, kind, format) for a LoRA tensor name, or None."""
-    suffix = next((x for x in SUFFIXES if key.endswith(x)), None)
+def _split_key(key: str, legacy: bool = False):
+    """(module, kind, format) for a LoRA tensor name, or None; with `legacy`, diffusers' old `.lora.down.weight`."""
+    suffixes = {**SUFFIXES, **LEGACY_SUFFIXES} if legacy else SUFFIXES
+    suffix = next((x for x in suffixes if key.endswith(x)), None)
     if suffix is None:
         return None
-    module, kind = key[: -len(suffix)], SUFFIXES[suffix]
+    module, kind = key[: -len(suffix)], suffixes[suffix]
     if module.startswith(KOHYA_PREFIX):
         return _unflatten(module[len(KOHYA_PREFIX) :]), kind, "kohya"
     for prefix in PREFIXES:
         module = module.removeprefix(prefix)
-    fmt = None if kind == "alpha" else "diffusers" if "lora_A" in key or "lora_B" in key else "lora_down/lora_up"
+    if kind in ("alpha", "bias", "magnitude"):
+        fmt = None
+    else:
+        fmt = "diffusers" if "lora_A" in key or "lora_B" in key or ".lora." in key else "lora_down/lora_up"
     return module, kind, fmt
+
+
+def _converted(tensors: dict) -> bool:
+    """Whether diffusers reads the file through its Qwen converter (`_convert_non_diffusers_qwen_lora_to_diffusers`):
+    alphas, kohya or `diffusion_model.` names, or peft's adapter name `default.` in the names."""
+    return any(
+        k.endswith(".alpha") or k.startswith(("lora_unet_", "diffusion_model.")) or "default." in k for k in tensors
+    )
+
+
+def _fold(t: mx.array, s: float) -> mx.array:
+    """t * s rounded to t's dtype, as torch multiplies a tensor by a Python number (in float32 for 16-bit floats)."""
+    if s == 1.0:
+        return t
+    return (t.astype(mx.float32) * s).astype(t.dtype) if t.dtype != mx.float64 else t * s
+
+
+def _alpha_scales(alpha: float, rank: int) -> tuple[float, float]:
+    """diffusers' split of alpha / rank into (down, up) factors folded into the tensors (`get_alpha_scales`)."""
+    scale_down, scale_up = alpha / rank, 1.0
+    while scale_down * 2 < scale_up:
+        scale_down *= 2
+        scale_up /= 2
+    return scale_down, scale_up
 
 
 def _peft_config(metadata: dict | None) -> dict | None:
@@ -219,9 +303,19 @@ def _listing(names, limit: int = 8) -> str:
 
 
 def parse_lora(tensors: dict, metadata: dict | None = None, source: str = "<memory>") -> LoRA:
-    """A LoRA from its tensors (names as in the file) and the file's metadata; errors name the problem and fix."""
+    """A LoRA from its tensors (names as in the file) and the file's metadata, read as diffusers' Qwen-Image loader
+    reads it (`QwenImageLoraLoaderMixin.lora_state_dict`, then peft); errors name the problem and the fix."""
     if not tensors:
         raise ValueError(f"{source} holds no tensors at all: it is not a LoRA. Give the LoRA's .safetensors file.")
+    dora = [k for k in tensors if "dora_scale" in k]
+    if dora:  # kohya's DoRA: diffusers filters the magnitudes out and loads the plain LoRA that is left
+        warnings.warn(
+            f"{source} is a DoRA in kohya's names ({len(dora)} `dora_scale` tensors, e.g. {dora[0]}): as diffusers "
+            "does, its magnitudes are dropped and the rest is applied as a plain LoRA, W + s * alpha/r * B @ A, "
+            "which is not what it was trained as. For the trained result, merge it with the tool that trained it.",
+            stacklevel=3,
+        )
+        tensors = {k: v for k, v in tensors.items() if "dora_scale" not in k}
     for marker, what in OTHER_ADAPTERS.items():
         hits = [k for k in tensors if marker in k]
         if hits:
@@ -230,13 +324,12 @@ def parse_lora(tensors: dict, metadata: dict | None = None, source: str = "<memo
                 "B @ A. Merge it into the model with the tool that trained it, or use a plain-LoRA export."
             )
     config = _peft_config(metadata)
-    if config and config.get("use_dora"):
-        raise ValueError(f"{source} is a DoRA (its peft config says use_dora=true): qwen_nb applies plain LoRAs only.")
+    converted = _converted(tensors)
 
     parts: dict[str, dict] = {}
     formats, unknown = set(), []
     for key, value in tensors.items():
-        split = _split_key(key)
+        split = _split_key(key, legacy=not converted)
         if split is None:
             unknown.append(key)
             continue
@@ -263,10 +356,41 @@ def parse_lora(tensors: dict, metadata: dict | None = None, source: str = "<memo
             "the file to one of these (the trainer's export options usually offer the diffusers or kohya layout)."
         )
 
+    # peft's extras: a bias on B (lora_bias) and a DoRA's magnitudes, in diffusers/peft names only (diffusers'
+    # converter for the other layouts refuses them)
+    extras = {k: [p[k][0] for p in parts.values() if k in p] for k in ("bias", "magnitude")}
+    if converted and (extras["bias"] or extras["magnitude"]):
+        key = (extras["bias"] + extras["magnitude"])[0]
+        raise ValueError(
+            f"{source} has a LoRA bias or DoRA magnitude ({key}) in a layout with alphas, kohya or "
+            "`diffusion_model.` names (or `default.`): diffusers reads these only in diffusers/peft names "
+            "(`transformer.<module>.lora_B.bias`, `.lora_magnitude_vector.weight`, the peft config in the metadata)."
+            " Save the LoRA in that layout."
+        )
+    dora = bool(extras["magnitude"])
+    if config is not None and "use_dora" in config and not config["use_dora"] and dora:
+        warnings.warn(
+            f"{source}: its peft config says use_dora=false, so its DoRA magnitudes are ignored (as peft does)",
+            stacklevel=3,
+        )
+        dora = False
+    if config and config.get("use_dora") and not dora:
+        raise ValueError(
+            f"{source} is a DoRA (its peft config says use_dora=true) without its magnitudes "
+            "(`<module>.lora_magnitude_vector.weight`): the file is incomplete; export it again."
+        )
+    biased = bool(extras["bias"])
+    if config is not None and "lora_bias" in config and not config["lora_bias"] and biased:
+        warnings.warn(
+            f"{source}: its peft config says lora_bias=false, so its lora_B biases are ignored (as peft does)",
+            stacklevel=3,
+        )
+        biased = False
+
     modules, problems = {}, []
     for module, p in sorted(parts.items()):
         if "down" not in p or "up" not in p:
-            have = " and ".join(p[k][0] for k in ("down", "up", "alpha") if k in p)
+            have = " and ".join(p[k][0] for k in ("down", "up", "alpha", "bias", "magnitude") if k in p)
             missing = "lora_up / lora_B" if "down" in p else "lora_down / lora_A" if "up" in p else "lora_down/lora_up"
             problems.append(f"{have} has no {missing} partner")
             continue
@@ -283,18 +407,34 @@ def parse_lora(tensors: dict, metadata: dict | None = None, source: str = "<memo
                 problems.append(f"{p['alpha'][0]} has shape {tuple(a.shape)}; an alpha is one number")
                 continue
             alpha = float(a.astype(mx.float32).reshape(-1)[0].item())
+        extra = {}
+        for kind, wanted in (("bias", biased), ("magnitude", dora)):
+            if kind in p and wanted:
+                t = p[kind][1]
+                if t.shape != (up.shape[0],):
+                    problems.append(f"{p[kind][0]} has shape {tuple(t.shape)}; it should be ({up.shape[0]},)")
+                extra[kind] = t
+        if dora and "magnitude" not in p:
+            problems.append(f"{module} has no DoRA magnitude (lora_magnitude_vector.weight), while others have")
         rank = down.shape[0]
-        scale = (1.0 if alpha is None else alpha / rank) * _peft_scale(config, module, rank)
-        if alpha is None and config is not None:
+        peft = _peft_scale(config, module, rank)
+        scale = (1.0 if alpha is None else alpha / rank) * peft
+        factor = None
+        if alpha is not None:  # diffusers folds alpha / rank into the tensors as it reads them, in their dtype
+            scale_down, scale_up = _alpha_scales(alpha, rank)
+            down, up, factor = _fold(down, scale_down), _fold(up, scale_up), peft
+        elif config is not None:
             alpha = scale * rank
-        modules[module] = LoraWeights(down, up, scale, alpha)
+        modules[module] = LoraWeights(down, up, scale, alpha, factor, extra.get("bias"), extra.get("magnitude"))
     if problems:
         raise ValueError(
             f"{source} is incomplete or inconsistent: {_listing(problems, 6)}. Every module needs its down (A) and "
             "up (B) matrices, and an alpha only beside them: export the LoRA again, or fetch the file again."
         )
     names = {"diffusers": "diffusers/peft", "lora_down/lora_up": "lora_down/lora_up", "kohya": "kohya"}
-    return LoRA(modules, " + ".join(names[f] for f in sorted(formats - {None})), source)
+    fmt = " + ".join(names[f] for f in sorted(formats - {None}))
+    fmt += " (DoRA)" if dora else ""
+    return LoRA(modules, fmt, source)
 
 
 # ------------------------------------------------------------------------------------------------ reading files
@@ -334,6 +474,12 @@ def _pick(candidates: list[str], where: str, weight_name, sizes: dict | None = N
         raise FileNotFoundError(
             f"{where} has no {weight_name}. Its .safetensors files: {_listing(candidates, 12) or 'none'}."
         )
+    # as diffusers' _best_guess_weight_name: no scheduler, optimizer or checkpoint files; pytorch_lora_weights first
+    likely = [c for c in candidates if not any(x in c for x in ("scheduler", "optimizer", "checkpoint"))]
+    if any(c.endswith(LORA_WEIGHT_NAME) for c in likely):
+        likely = [c for c in likely if c.endswith(LORA_WEIGHT_NAME)]
+    if len(likely) == 1:
+        return likely[0]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -348,6 +494,8 @@ def _pick(candidates: list[str], where: str, weight_name, sizes: dict | None = N
 def _folder_file(folder: Path, weight_name) -> Path:
     if weight_name is not None and Path(weight_name).suffix.lower() in PICKLE_SUFFIXES:
         _refuse_pickle(folder / weight_name)
+    if weight_name is not None and (folder / weight_name).is_file():  # also one in a subfolder, as diffusers
+        return folder / weight_name
     candidates = sorted(p.name for p in folder.glob("*.safetensors"))
     if not candidates and weight_name is None:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -429,7 +577,11 @@ def _hub_file(repo_id: str, weight_name, revision, cache_dir, verbose: bool) -> 
 
 def read_lora(source, weight_name: str | None = None, *, revision=None, cache_dir=None, verbose: bool = True) -> LoRA:
     """A LoRA from a `.safetensors` file, a folder holding one (or `weight_name` in it), or a hub repo id (only
-    that file is downloaded into the HF cache). Pickle formats are refused; errors name the problem and the fix."""
+    that file is downloaded into the HF cache), or a state dict ({name: array}, as diffusers also takes).
+    Pickle formats are refused; errors name the problem and the fix."""
+    if isinstance(source, dict):
+        tensors = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in source.items()}
+        return parse_lora(tensors, None, "<state dict>")
     s = str(source)
     path = Path(s).expanduser()
     if path.is_file():
@@ -511,16 +663,19 @@ class LoRALinear(nn.Module):
     """A linear (plain or quantized) with low-rank updates beside it, as peft's unfused LoRA layer:
     base(x) + sum_i s_i (x @ down_i^T) @ up_i^T, computed as one (x @ D^T) @ U^T with the scales in U."""
 
-    def __init__(self, base: nn.Module, downs: list, ups: list, scales: list):
+    def __init__(self, base: nn.Module, downs: list, ups: list, scales: list, bias: mx.array | None = None):
         super().__init__()
         self.base = base
         dtype = _compute_dtype(base)
         self.lora_down = mx.concatenate([d.astype(mx.float32) for d in downs], axis=0).astype(dtype)  # (R, in)
         up = [s * u.astype(mx.float32) for u, s in zip(ups, scales)]
         self.lora_up = mx.concatenate(up, axis=1).astype(dtype)  # (out, R)
+        if bias is not None:  # peft's lora_bias: B's bias, scaled, added to the output
+            self.lora_bias = bias.astype(dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.base(x) + (x @ self.lora_down.T) @ self.lora_up.T
+        y = self.base(x) + (x @ self.lora_down.T) @ self.lora_up.T
+        return y + self.lora_bias if "lora_bias" in self else y
 
 
 _versions = itertools.count(1)
@@ -580,23 +735,70 @@ class LoraStack:
         timestep embedder): a schedule's modulation table must then be computed with it."""
         return any(is_timestep_weight(t + ".weight") for t in self.targets)
 
+    def _on(self, path: str) -> list:
+        """[(LoraWeights, the LoRA's scale)] of every LoRA on one module, in the order they were loaded."""
+        return [(w, s) for lora, s in self.entries if (w := lora.modules.get(path)) is not None]
+
+    def has_dora(self, path: str | None = None) -> bool:
+        """Whether a DoRA is on `path` (on any module without)."""
+        paths = [path] if path is not None else self.targets
+        return any(w.magnitude is not None for p in paths for w, _ in self._on(p))
+
     def low_rank(self, path: str) -> tuple[list, list, list]:
         """(downs, ups, scales) of every LoRA on one module, each scale = the LoRA's scale * its alpha / r."""
         downs, ups, scales = [], [], []
-        for lora, s in self.entries:
-            w = lora.modules.get(path)
-            if w is not None:
-                downs.append(w.down)
-                ups.append(w.up)
-                scales.append(s * w.scale)
+        for w, s in self._on(path):
+            downs.append(w.down)
+            ups.append(w.up)
+            scales.append(s * w.multiplier)
         return downs, ups, scales
 
-    def delta(self, path: str, dtype: mx.Dtype = mx.float32) -> mx.array:
-        """sum_i scale_i * alpha_i / r_i * up_i @ down_i of one module, (out, in), computed in float32."""
+    def _sequential(self, path: str, weight: mx.array) -> tuple[mx.array, mx.array | None]:
+        """(the module's weight with every LoRA, the change of its bias or None), float32, as peft's forward composes
+        its adapters in order: a LoRA adds s * B @ A (and s * its B bias); a DoRA scales each output row of what is
+        there by g = m / ||W + s * B @ A|| (W the original weight) and adds g * s * B @ A."""
+        w0 = weight.astype(mx.float32)
+        w, b = w0, None
+        for lw, s in self._on(path):
+            f = s * lw.multiplier
+            d = f * (lw.up.astype(mx.float32) @ lw.down.astype(mx.float32))
+            if lw.magnitude is None:
+                w = w + d
+                if lw.bias is not None:
+                    b = (0.0 if b is None else b) + f * lw.bias.astype(mx.float32)
+            else:
+                g = lw.magnitude.astype(mx.float32) / mx.linalg.norm(w0 + d, axis=1)
+                w = g[:, None] * (w + d)
+                b = None if b is None else g * b
+        return w, b
+
+    def delta(self, path: str, dtype: mx.Dtype = mx.float32, weight: mx.array | None = None) -> mx.array:
+        """sum_i scale_i * alpha_i / r_i * up_i @ down_i of one module, (out, in), computed in float32. A DoRA's
+        update depends on the module's original weight: pass it as `weight` (out, in)."""
+        if weight is None and any(w.magnitude is not None or w.bias is not None for w, _ in self._on(path)):
+            raise ValueError(
+                f"{path}: a DoRA's update depends on the original weight, and a LoRA bias changes the linear's bias, "
+                "neither of which this way of loading handles (tensor-parallel loading): load without "
+                "parallel='tensor', or use a plain LoRA"
+            )
+        if self.has_dora(path):
+            return (self._sequential(path, weight)[0] - weight.astype(mx.float32)).astype(dtype)
         downs, ups, scales = self.low_rank(path)
         up = mx.concatenate([s * u.astype(mx.float32) for u, s in zip(ups, scales)], axis=1)
         down = mx.concatenate([d.astype(mx.float32) for d in downs], axis=0)
         return (up @ down).astype(dtype)
+
+    def bias_delta(self, path: str, weight: mx.array | None = None) -> mx.array | None:
+        """The (out,) change of one module's bias (peft's lora_bias: scale * bias of each LoRA's B), float32, or None
+        when no LoRA on it has a bias. With a DoRA after it, the original `weight` is needed too."""
+        on = self._on(path)
+        if not any(w.bias is not None for w, _ in on):
+            return None
+        if self.has_dora(path):
+            if weight is None:
+                raise ValueError(f"{path}: a LoRA bias followed by a DoRA needs the original weight")
+            return self._sequential(path, weight)[1]
+        return sum(s * w.multiplier * w.bias.astype(mx.float32) for w, s in on if w.bias is not None)
 
     # -------------------------------------------------------------------- checks
     def check(self, model, lora: LoRA | None = None) -> None:
@@ -615,16 +817,40 @@ class LoraStack:
                         f"{path} (the LoRA's update is {w.shape[0]}x{w.shape[1]}, the linear "
                         f"{shapes[path][0]}x{shapes[path][1]})"
                     )
-        if unknown:
-            names = sorted(unknown)
+
+        def guess(names) -> str:
             hints = sorted({what for n in names for key, what in OTHER_MODELS.items() if key in n})
             blocks = [int(m.group(1)) for n in names if (m := re.match(r"transformer_blocks[._](\d+)[._]", n))]
             if blocks and max(blocks) >= config.num_layers:
                 hints.append(f"a Qwen-Image with more blocks: this one has {config.num_layers}")
-            guess = f" They look like names of {' or '.join(hints)}." if hints else ""
+            return f" They look like names of {' or '.join(hints)}." if hints else ""
+
+        own = [p for p in lora.modules if p not in shapes] if lora is not None else []
+        others = sorted(set(own) & _module_names(config))
+        if others:  # peft refuses a LoRA on a module that is no linear (a norm...), as diffusers does
+            raise ValueError(
+                f"{lora.source}: {_listing(others)} of the LoRA are modules of this transformer that are not linears "
+                "(norms, activations): a LoRA changes linears only, and diffusers (peft) refuses this file too. "
+                f"This model's linears are {_names_look_like(config)}."
+            )
+        if unknown and own and len(own) < len(lora.modules) and set(unknown) == set(own):
+            # as diffusers: peft puts the LoRA on the modules the transformer has and warns about the others (a
+            # text encoder's, a module of another variant); a LoRA none of whose modules fit is refused below
+            warnings.warn(
+                f"{lora.source}: {len(own)} of the LoRA's {len(lora.modules)} modules are not linears of this "
+                f"Qwen-Image transformer and are ignored, as diffusers ignores them: {_listing(sorted(own))}."
+                f"{guess(own)}",
+                stacklevel=3,
+            )
+            for p in own:
+                del lora.modules[p]
+            lora.ignored.extend(sorted(own))
+            unknown = {}
+        if unknown:
+            names = sorted(unknown)
             raise ValueError(
                 f"{_listing(sorted(set(unknown.values())), 3)}: {len(names)} of the LoRA's modules are not linears "
-                f"of this Qwen-Image transformer: {_listing(names)}.{guess} This model's linears are "
+                f"of this Qwen-Image transformer: {_listing(names)}.{guess(names)} This model's linears are "
                 f"{_names_look_like(config)}. Use a LoRA trained for Qwen-Image."
             )
         if misfit:
@@ -632,6 +858,14 @@ class LoraStack:
                 f"{len(misfit)} of the LoRA's modules do not fit this transformer's shapes: {_listing(misfit, 6)}. "
                 "The LoRA was trained for a model of another size (the 20B Qwen-Image, or a smaller test model): "
                 "use one trained for this model."
+            )
+        biased = _linear_biases(config)
+        nobias = sorted({t for lo in loras for t, w in lo.modules.items() if w.bias is not None and not biased[t]})
+        if nobias:
+            raise ValueError(
+                f"the LoRA has a bias on B (peft's lora_bias) for linears without a bias in this transformer: "
+                f"{_listing(nobias)}. qwen_nb adds a LoRA bias to the linear's own bias only: use a LoRA without "
+                "lora_bias for this model."
             )
         for path in {t for lo in loras for t in lo.modules}:
             if _locate(model, path) is None and not is_timestep_weight(path + ".weight"):
@@ -675,18 +909,29 @@ class LoraStack:
                     )
                 names = [k for k in ("weight", "scales", "biases") if k in saved]
                 rows = {k: split_rows(saved[k], parts) for k in names}
+                originals = {}
                 for i, t in members.items():
-                    merged = quantize_merged(module, weights[f"{t}.weight"], self.delta(t))
+                    originals[i] = weights[f"{t}.weight"]
+                    merged = quantize_merged(module, originals[i], self.delta(t, weight=originals[i]))
                     for k in names:
                         rows[k][i] = merged[k]
                 for k in names:
                     module[k] = rows[k][0] if parts == 1 else mx.concatenate(rows[k], axis=0)
             else:
                 w = saved["weight"]
-                rows = split_rows(w, parts)
+                originals = dict(enumerate(split_rows(w, parts)))
+                rows = list(originals.values())
                 for i, t in members.items():
-                    rows[i] = (rows[i].astype(mx.float32) + self.delta(t)).astype(w.dtype)
+                    rows[i] = (rows[i].astype(mx.float32) + self.delta(t, weight=originals[i])).astype(w.dtype)
                 module.weight = rows[0] if parts == 1 else mx.concatenate(rows, axis=0)
+            changes = {i: self.bias_delta(t, weight=originals[i]) for i, t in members.items()}
+            changes = {i: c for i, c in changes.items() if c is not None}
+            if changes:  # a LoRA bias (peft's lora_bias) goes into the linear's bias (check() saw it has one)
+                b = saved["bias"]
+                brows = split_rows(b, parts)
+                for i, c in changes.items():
+                    brows[i] = (brows[i].astype(mx.float32) + c).astype(b.dtype)
+                module.bias = brows[0] if parts == 1 else mx.concatenate(brows, axis=0)
             if keep:
                 self._saved[mpath] = saved
         return list(self.skipped)
@@ -697,13 +942,18 @@ class LoraStack:
         structure (an update of one common rank, zero where a LoRA does not touch that block), so one compiled
         block still serves all blocks. Returns the targets skipped (see `fuse`)."""
         self.unfuse(model)
+        if self.has_dora():
+            raise ValueError(
+                "a DoRA (a LoRA with magnitudes, peft's use_dora) rescales the whole weight, so it cannot run as a "
+                "low-rank update beside it: load the pipeline with lora_adapters=False to merge it into the weights"
+            )
         groups = self._groups(model)
         plans = {}
         for mpath, (parts, members) in groups.items():
             module = _node(model, mpath)
             out, _ = _out_in(module)
             rows = out // parts
-            downs, ups = [], []
+            downs, ups, bias = [], [], None
             for i, t in members.items():
                 d, u, s = self.low_rank(t)
                 for d_j, u_j, s_j in zip(d, u, s):
@@ -711,28 +961,36 @@ class LoraStack:
                     full[i * rows : (i + 1) * rows] = s_j * u_j.astype(mx.float32)
                     downs.append(d_j.astype(mx.float32))
                     ups.append(full)
-            plans[mpath] = (module, downs, ups)
+                change = self.bias_delta(t)
+                if change is not None:
+                    bias = mx.zeros((out,), mx.float32) if bias is None else bias
+                    bias[i * rows : (i + 1) * rows] = change
+            plans[mpath] = (module, downs, ups, bias)
         # blocks: the same modules with the same rank in every block (zero updates where a LoRA is absent)
-        local = {}
-        for mpath, (_, downs, _) in plans.items():
+        local, biased = {}, set()
+        for mpath, (_, downs, _, bias) in plans.items():
             m = re.match(r"transformer_blocks\.\d+\.(.+)", mpath)
             if m:
                 local[m.group(1)] = max(local.get(m.group(1), 0), sum(d.shape[0] for d in downs))
+                if bias is not None:
+                    biased.add(m.group(1))
         for name, rank in local.items():
             for i in range(len(model.transformer_blocks)):
                 mpath = f"transformer_blocks.{i}.{name}"
                 module = _node(model, mpath)
                 if module is None:
                     continue
-                _, downs, ups = plans.get(mpath, (module, [], []))
+                _, downs, ups, bias = plans.get(mpath, (module, [], [], None))
                 have = sum(d.shape[0] for d in downs)
+                out, inp = _out_in(module)
                 if have < rank:
-                    out, inp = _out_in(module)
                     downs = downs + [mx.zeros((rank - have, inp), mx.float32)]
                     ups = ups + [mx.zeros((out, rank - have), mx.float32)]
-                plans[mpath] = (module, downs, ups)
-        for mpath, (module, downs, ups) in plans.items():
-            _set_module(model, mpath, LoRALinear(module, downs, ups, [1.0] * len(ups)))
+                if name in biased and bias is None:
+                    bias = mx.zeros((out,), mx.float32)
+                plans[mpath] = (module, downs, ups, bias)
+        for mpath, (module, downs, ups, bias) in plans.items():
+            _set_module(model, mpath, LoRALinear(module, downs, ups, [1.0] * len(ups), bias))
             self._saved[mpath] = module
         return list(self.skipped)
 
@@ -768,7 +1026,15 @@ class LoraStack:
                     "original checkpoint (with quantize= to quantize after merging), or use attach() to run the "
                     "LoRA beside the quantized weights."
                 )
-            out[key] = (w.astype(mx.float32) + self.delta(t)).astype(w.dtype)
+            out[key] = (w.astype(mx.float32) + self.delta(t, weight=w)).astype(w.dtype)
+            change = self.bias_delta(t, weight=w)
+            if change is not None:
+                if f"{t}.bias" not in out:
+                    raise ValueError(
+                        f"{t} has no bias among the weights given, while a LoRA on it has one (peft's lora_bias)"
+                    )
+                b = out[f"{t}.bias"]
+                out[f"{t}.bias"] = (b.astype(mx.float32) + change).astype(b.dtype)
         return out
 
 

@@ -517,8 +517,12 @@ def test_unknown_formats_and_other_adapters():
         L.parse_lora(odd)
     with pytest.raises(ValueError, match="LyCORIS LoKr.*not a plain LoRA"):
         L.parse_lora({"lora_unet_transformer_blocks_0_attn_to_q.lokr_w1": mx.ones((4, 4))})
-    with pytest.raises(ValueError, match="DoRA"):
-        L.parse_lora({**lora_tensors(), "diffusion_model.transformer_blocks.0.attn.to_q.dora_scale": mx.ones((1, 64))})
+    plain = L.parse_lora(lora_tensors())
+    with pytest.warns(UserWarning, match="DoRA.*as diffusers does, its magnitudes are dropped"):  # lora_state_dict
+        dora = L.parse_lora(
+            {**lora_tensors(), "diffusion_model.transformer_blocks.0.attn.to_q.dora_scale": mx.ones((1, 64))}
+        )
+    assert sorted(dora.modules) == sorted(plain.modules)
 
 
 def test_pickle_files_are_refused_with_the_reason_and_a_conversion(tmp_path):
