@@ -545,7 +545,7 @@ def run_edit(args) -> int:
     try:
         image = pipe.generate(
             args.prompt,
-            pictures,
+            pictures[0] if len(pictures) == 1 else pictures,  # one picture as itself (a list changes Edit's reading)
             negative_prompt=args.negative,
             height=height,
             width=width,

@@ -103,10 +103,12 @@ class EditPictures:
     """The checked input pictures and what diffusers makes of them: the VAE's size of each (width, height), the
     pictures the vision tower reads (PIL), and a digest that keys the prompt cache."""
 
-    def __init__(self, pictures: list, kind: str, vae_area: int, condition_area: int, processor):
+    def __init__(self, pictures: list, kind: str, vae_area: int, condition_area: int, processor, listed=False):
         self.pictures = pictures
         self.vae_sizes = [self._size(p, vae_area, i, "the VAE") for i, p in enumerate(pictures)]
-        if kind == "edit":  # the VAE-size copy goes to the vision tower too
+        if kind == "edit" and listed:  # diffusers' image_processor.resize passes a list through: the picture as given
+            self.condition = list(pictures)
+        elif kind == "edit":  # the VAE-size copy goes to the vision tower too
             self.condition = [p.resize(s, Image.Resampling.LANCZOS) for p, s in zip(pictures, self.vae_sizes)]
         else:
             sizes = [self._size(p, condition_area, i, "the vision tower") for i, p in enumerate(pictures)]
@@ -114,7 +116,7 @@ class EditPictures:
         config = processor.image_config
         for p in self.condition:  # the processor's checks, before any model loads
             smart_resize(p.size[1], p.size[0], config.factor, config.min_pixels, config.max_pixels)
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(repr(listed and kind == "edit").encode())
         for p in pictures:
             digest.update(repr(p.size).encode() + p.tobytes())
         self.key = digest.hexdigest()
@@ -264,7 +266,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
                 "edit in steps"
             )
         pictures = [read_picture(p, i) for i, p in enumerate(images)]
-        return EditPictures(pictures, self.kind, self.vae_area, self.condition_area, self.processor)
+        listed = isinstance(image, (list, tuple))
+        return EditPictures(pictures, self.kind, self.vae_area, self.condition_area, self.processor, listed)
 
     def prompt_text(self, prompt: str, count: int) -> str:
         """The prompt in diffusers' edit template, with the pictures' placeholders."""
@@ -309,7 +312,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
             positions = None
             if self.text_positions == "mrope":
                 grid = inputs["image_grid_thw"]
-                positions = get_rope_index(inputs["input_ids"], grid, None, config.image_token_id)[0]
+                positions = get_rope_index(
+                    inputs["input_ids"], grid, None, config.image_token_id, config.spatial_merge_size
+                )[0]
             hidden = encode_with_images(
                 self.text_encoder, inputs["input_ids"], None, embeds, positions, config.image_token_id,
                 config.mrope_section,
@@ -362,7 +367,10 @@ class QwenImageEditPipeline(QwenImagePipeline):
         """The edited picture, as diffusers' QwenImageEditPipeline / QwenImageEditPlusPipeline(image=image,
         prompt=prompt, negative_prompt=..., true_cfg_scale=cfg_scale, ...).
 
-        `image`: one picture (a PIL image, a path or a uint8 array), or for Edit-2509/2511 a list of up to 3.
+        `image`: one picture (a PIL image, a path or a uint8 array), or for Edit-2509/2511 a list of up to 3. For
+        Qwen-Image-Edit a list of one picture is read as diffusers' QwenImageEditPipeline reads one: its vision tower
+        then sees the picture at its own size (the processor's smart resize only), not the ~1024x1024-area copy it
+        sees when given the picture itself.
         height and width default to the last picture's aspect ratio at about 1024x1024 pixels (sides multiples of
         32); given, they are rounded down to multiples of 16 (with a warning), as diffusers does. negative_prompt,
         steps, cfg_scale, seed, latents (the noise (1, C, H/8, W/8) before packing), callback, preview, interrupts and

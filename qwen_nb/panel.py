@@ -211,7 +211,10 @@ class Panel:
             seed=int(self.seed.value),
         )
         if self.editing:
-            params["image"] = list(self.pictures) or None  # none: generate() says a picture is needed
+            # one picture as itself (a list of one changes how Qwen-Image-Edit reads it, as in diffusers); none:
+            # generate() says a picture is needed
+            pictures = self.pictures
+            params["image"] = None if not pictures else pictures[0] if len(pictures) == 1 else list(pictures)
         return params
 
     def start(self) -> threading.Thread | None:

@@ -236,6 +236,35 @@ class QwenVLProcessor:
 # ---------------------------------------------------------------------------------------------- the vision tower
 
 
+def _gelu_tanh(x: mx.array) -> mx.array:
+    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+# transformers' ACT2FN, by name, for the vision blocks' MLP
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu": lambda x: x * 0.5 * (1.0 + mx.erf(x / math.sqrt(2.0))),
+    "gelu_python": lambda x: x * 0.5 * (1.0 + mx.erf(x / math.sqrt(2.0))),
+    "gelu_10": lambda x: mx.clip(x * 0.5 * (1.0 + mx.erf(x / math.sqrt(2.0))), -10.0, 10.0),
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + mx.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+    "relu": nn.relu,
+    "relu2": lambda x: mx.square(nn.relu(x)),
+    "relu6": lambda x: mx.clip(x, 0.0, 6.0),
+    "leaky_relu": lambda x: nn.leaky_relu(x, 0.01),
+    "sigmoid": mx.sigmoid,
+    "tanh": mx.tanh,
+    "linear": lambda x: x,
+    "mish": lambda x: x * mx.tanh(nn.softplus(x)),
+    "hardswish": lambda x: x * mx.clip(x + 3.0, 0.0, 6.0) / 6.0,
+}
+
+
 @dataclass
 class VisionConfig(Config):
     """The vision side of `text_encoder/config.json` of Qwen/Qwen-Image (Qwen2.5-VL-7B-Instruct); defaults = it.
@@ -254,12 +283,18 @@ class VisionConfig(Config):
     fullatt_block_indexes: tuple = (7, 15, 23, 31)
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6  # transformers' vision norms hard-code it
+    hidden_act: str = "silu"  # the blocks' gated MLP (transformers' ACT2FN name); the merger's GELU is fixed
     image_token_id: int = IMAGE_TOKEN_ID
     mrope_section: tuple = MROPE_SECTION
 
     def __post_init__(self):
         self.fullatt_block_indexes = tuple(self.fullatt_block_indexes)
         self.mrope_section = tuple(self.mrope_section)
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"vision hidden_act {self.hidden_act!r} is not supported (Qwen2.5-VL's is silu); qwen_nb takes "
+                f"{', '.join(sorted(ACTIVATIONS))}"
+            )
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ValueError(
                 f"hidden_size {self.hidden_size} / num_heads {self.num_heads} must be a whole head size divisible "
@@ -290,8 +325,6 @@ class VisionConfig(Config):
                 "config.json has no vision_config: it is not a Qwen2.5-VL text encoder with a vision tower"
             )
         vision = dict(d["vision_config"])
-        if vision.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"vision hidden_act {vision['hidden_act']!r} is not supported: Qwen2.5-VL's is silu")
         if "in_channels" not in vision and "in_chans" in vision:
             vision["in_channels"] = vision["in_chans"]
         vision["rope_theta"] = (vision.get("rope_parameters") or {}).get("rope_theta", cls.rope_theta)
@@ -450,16 +483,18 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    """SwiGLU with biases (the language model's has none)."""
+    """The gated MLP with biases (the language model's has none): act(gate) * up, `act` the config's hidden_act
+    (silu in Qwen2.5-VL: SwiGLU)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden)
         self.up_proj = nn.Linear(dim, hidden)
         self.down_proj = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class VisionBlock(nn.Module):
@@ -468,7 +503,7 @@ class VisionBlock(nn.Module):
         self.norm1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.norm2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = VisionAttention(config)
-        self.mlp = VisionMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def __call__(self, x: mx.array, rope, segments: Segments) -> mx.array:
         x = x + self.attn(self.norm1(x), rope, segments)
