@@ -56,7 +56,8 @@ CLASS_NAME = "QwenImage21Pipeline"
 COMPONENTS = ("transformer", "vae", "text_encoder", "processor", "scheduler")
 DEFAULT_STEPS = 40  # diffusers' num_inference_steps, used when the checkpoint has no sample_sigmas
 DEFAULT_RESOLUTION = 1024
-MULTIPLE = 32  # the VAE's 16x times the 2x2 latent tokens of one text-encoder slot
+VAE_FACTOR = 16  # diffusers' vae_scale_factor for 2.1, fixed whatever the VAE's config
+MULTIPLE = 2 * VAE_FACTOR  # the VAE's 16x times the 2x2 latent tokens of one text-encoder slot
 SYSTEM_PROMPT = "Comprehend and analyze the provided prompt."
 # diffusers' templates: the prompt as the user turn; with pictures, each picture's slots before it
 TEMPLATE = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{{}}<|im_end|>\n<|im_start|>assistant\n"
@@ -68,6 +69,20 @@ def calculate_dimensions(area: float, ratio: float) -> tuple[int, int]:
     size diffusers gives condition pictures and, from the last one, the output (Python's round: halves to even)."""
     width = math.sqrt(area * ratio)
     return round(width / 32) * 32, round(width / ratio / 32) * 32
+
+
+def fit_size21(height: int, width: int) -> tuple[int, int]:
+    """diffusers' rule for the output size: each side rounded down to a multiple of 32 (the VAE's 16x times the 2x2
+    latent tokens of a text-encoder slot), with a warning when that changes it. (height, width) as generated."""
+    fitted = (height // MULTIPLE * MULTIPLE, width // MULTIPLE * MULTIPLE)
+    if fitted != (height, width):
+        warnings.warn(
+            f"height and width must be multiples of {MULTIPLE} (the VAE's 16x times the 2x2 latent tokens of a "
+            f"text-encoder slot): {width}x{height} (width x height) is generated at {fitted[1]}x{fitted[0]}, rounded "
+            "down as diffusers does",
+            stacklevel=3,
+        )
+    return fitted
 
 
 def template(prompt: str, pictures: int = 0) -> str:
@@ -327,7 +342,10 @@ class QwenImage21Pipeline(LoraMethods):
 
     @property
     def vae_factor(self) -> int:
-        return self.vae.config.scale_factor
+        """Pixels per latent token along each side: 16, as diffusers' QwenImage21Pipeline hard-codes it (a VAE of
+        other depth then decodes the 16x latent grid at its own factor, and its condition latents do not fit the
+        text encoder's slots, as in diffusers)."""
+        return VAE_FACTOR
 
     # ------------------------------------------------------------------ LoRA
     def _loras_changed(self) -> None:
@@ -556,6 +574,7 @@ class QwenImage21Pipeline(LoraMethods):
 
         `image`: condition pictures (PIL, uint8 arrays or paths; one or a list), resized to about
         output_resolution^2 pixels; the output size defaults to the last one's (else output_resolution square).
+        `height` / `width` that are not multiples of 32 are rounded down to them, with a warning, as diffusers does.
         `latents`: the unpacked noise (1, C, H/16, W/16); otherwise drawn from `seed` (random when None).
         `callback(step, latents)` after each step with the packed latents; `preview(step, image)` after every
         `preview_every`-th step and the last with a cheap RGB guess of the final picture (a linear map of the
@@ -568,6 +587,7 @@ class QwenImage21Pipeline(LoraMethods):
             height, width = height or h, width or w
         height, width = height or output_resolution, width or output_resolution
         self._check_request(prompt, negative_prompt, height, width, steps, cfg_scale, seed, use_kv_cache)
+        height, width = fit_size21(height, width)
         if preview is not None and not callable(preview):
             raise ValueError(f"preview must be a function (step, PIL image) or None, got {type(preview).__name__}")
         if not _is_int(preview_every) or preview_every < 1:
@@ -616,11 +636,10 @@ class QwenImage21Pipeline(LoraMethods):
             raise ValueError(f"negative_prompt must be a string or None, got {type(negative).__name__}")
         check_size(height, width, 1)
         for name, v in (("height", height), ("width", width)):
-            if v % MULTIPLE:
-                lo, hi = v // MULTIPLE * MULTIPLE, (v // MULTIPLE + 1) * MULTIPLE
+            if v < MULTIPLE:
                 raise ValueError(
                     f"{name} {v} is not a multiple of {MULTIPLE} (the VAE's 16x times the 2x2 latent tokens of a "
-                    f"text-encoder slot): use {f'{lo} or ' if lo else ''}{hi}"
+                    f"text-encoder slot), and diffusers' rounding down would leave nothing: use {MULTIPLE} or more"
                 )
         if steps is not None and (not _is_int(steps) or steps < 1):
             raise ValueError(f"steps must be an integer >= 1 or None (the author's schedule), got {steps!r}")

@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
+from .activations import ACTIVATIONS, check_activation
 from .loading import Config, load_strict, read_config, read_weights
 from .rmsnorm import RMSNorm
 from .tokenizer import QwenTokenizer
@@ -42,6 +43,22 @@ HALF = (0.5, 0.5, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------- configs
+# transformers' `Qwen3VLTextConfig` / `Qwen3VLVisionConfig` class defaults, for the keys a config.json leaves out
+# (the dataclasses' own defaults are Qwen3-VL-8B-Instruct's, whose config.json names every key)
+TRANSFORMERS_TEXT_DEFAULTS = dict(
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=22016,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=500000.0,
+)
+TRANSFORMERS_VISION_DEFAULTS = dict(out_hidden_size=3584)
+
+
 @dataclass
 class Qwen3VLTextConfig(Config):
     """The language model of `text_encoder/config.json` (`text_config`); defaults: Qwen3-VL-8B-Instruct's."""
@@ -56,40 +73,40 @@ class Qwen3VLTextConfig(Config):
     rms_norm_eps: float = 1e-6
     rope_theta: float = 5_000_000.0
     mrope_section: tuple = (24, 20, 20)
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (transformers' `attention_bias`)
+    hidden_act: str = "silu"  # the MLP's activation (act(gate) * up)
 
     def __post_init__(self):
+        # transformers interleaves: frequency j turns with the row position when j % 3 == 1 and j < 3 * section[1],
+        # with the column when j % 3 == 2 and j < 3 * section[2], else with the time; the sections need not add up
+        # to head_dim / 2 (section[0] is never read)
         self.mrope_section = tuple(self.mrope_section)
-        if 2 * sum(self.mrope_section) != self.head_dim:
+        if len(self.mrope_section) != 3 or any(not isinstance(v, int) or v < 0 for v in self.mrope_section):
             raise ValueError(
-                f"mrope_section {list(self.mrope_section)} must add up to head_dim / 2 = {self.head_dim // 2}: "
-                "every rotation frequency turns with one of the (time, row, column) positions"
+                f"mrope_section {list(self.mrope_section)} must be three counts of frequencies (time, row, column)"
             )
+        check_activation(self.hidden_act, "text", "silu (Qwen3-VL)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of num_key_value_heads "
                 f"{self.num_key_value_heads}"
             )
-        if self.attention_bias:
-            raise ValueError("attention_bias=true is not Qwen3-VL's (its attention has no biases)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen3VLTextConfig":
         """From a whole Qwen3-VL config.json (its `text_config`) or the text config alone; `rope_parameters` (or
         transformers 4's `rope_scaling` + `rope_theta`) give the theta and the M-RoPE sections."""
-        text = dict(d.get("text_config") or d)
+        text = {**TRANSFORMERS_TEXT_DEFAULTS, **(d.get("text_config") or d)}
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "mrope"):
             raise ValueError(f"rope type {kind!r} is not supported: Qwen3-VL's language model uses plain M-RoPE")
-        text["rope_theta"] = rope.get("rope_theta", text.get("rope_theta", cls.rope_theta))
+        text["rope_theta"] = rope.get("rope_theta", text["rope_theta"])
         text["mrope_section"] = rope.get("mrope_section", cls.mrope_section)
-        if text.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {text['hidden_act']!r} is not supported: Qwen3-VL's MLP is SwiGLU (silu)")
         if text.get("num_key_value_heads") is None:
-            text["num_key_value_heads"] = text.get("num_attention_heads", cls.num_attention_heads)
+            text["num_key_value_heads"] = text["num_attention_heads"]
         if text.get("head_dim") is None:
-            text["head_dim"] = text.get("hidden_size", cls.hidden_size) // text.get("num_attention_heads", 32)
+            text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
         return super().from_dict(text)
 
     @classmethod
@@ -123,9 +140,11 @@ class Qwen3VLVisionConfig(Config):
     num_position_embeddings: int = 2304
     deepstack_visual_indexes: tuple = (8, 16, 24)
     rope_theta: float = 10000.0
+    hidden_act: str = "gelu_pytorch_tanh"  # the blocks' MLP activation
 
     def __post_init__(self):
         self.deepstack_visual_indexes = tuple(self.deepstack_visual_indexes)
+        check_activation(self.hidden_act, "vision", "gelu_pytorch_tanh (Qwen3-VL)")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ValueError(
                 f"hidden_size {self.hidden_size} / num_heads {self.num_heads} must be a head size divisible by 4 "
@@ -134,9 +153,8 @@ class Qwen3VLVisionConfig(Config):
         side = int(self.num_position_embeddings**0.5)
         if side * side != self.num_position_embeddings:
             raise ValueError(f"num_position_embeddings {self.num_position_embeddings} must be a square grid")
-        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
-        if bad:
-            raise ValueError(f"deepstack_visual_indexes {bad} are not blocks of a {self.depth}-block tower")
+        # an index that is no block of the tower gives no feature (its merger is built and read, never run), as in
+        # transformers
 
     @property
     def head_dim(self) -> int:
@@ -149,10 +167,7 @@ class Qwen3VLVisionConfig(Config):
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen3VLVisionConfig":
         """From a whole Qwen3-VL config.json (its `vision_config`) or the vision config alone."""
-        vision = dict(d.get("vision_config") or d)
-        act = vision.get("hidden_act", "gelu_pytorch_tanh")
-        if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-            raise ValueError(f"vision hidden_act {act!r} is not supported: Qwen3-VL's tower uses the tanh GELU")
+        vision = {**TRANSFORMERS_VISION_DEFAULTS, **(d.get("vision_config") or d)}
         rope = vision.get("rope_parameters") or {}
         vision["rope_theta"] = rope.get("rope_theta", cls.rope_theta)
         return super().from_dict(vision)
@@ -357,9 +372,10 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.linear_fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.linear_fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_fc2(nn.gelu_approx(self.linear_fc1(x)))
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 
 class VisionBlock(nn.Module):
@@ -504,10 +520,11 @@ class TextAttention(nn.Module):
         super().__init__()
         H, KV, Dh, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
         self.heads, self.kv_heads, self.scale = H, KV, Dh**-0.5
-        self.q_proj = nn.Linear(D, H * Dh, bias=False)
-        self.k_proj = nn.Linear(D, KV * Dh, bias=False)
-        self.v_proj = nn.Linear(D, KV * Dh, bias=False)
-        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(D, H * Dh, bias=bias)
+        self.k_proj = nn.Linear(D, KV * Dh, bias=bias)
+        self.v_proj = nn.Linear(D, KV * Dh, bias=bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=bias)
         self.q_norm = RMSNorm(Dh, config.rms_norm_eps)
         self.k_norm = RMSNorm(Dh, config.rms_norm_eps)
 
@@ -528,9 +545,10 @@ class TextMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

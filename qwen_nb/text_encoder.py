@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .activations import ACTIVATIONS, check_activation
 from .attention import attention
 from .loading import Config, load_strict, read_weights
 from .rmsnorm import RMSNorm
@@ -35,8 +36,10 @@ class TextEncoderConfig(Config):
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
     vocab_size: int = 152064
+    hidden_act: str = "silu"  # the MLP's act(gate) * up, by transformers' name
 
     def __post_init__(self):
+        check_activation(self.hidden_act, "text encoder", "silu")
         if self.head_dim * self.num_attention_heads != self.hidden_size:
             raise ValueError(
                 f"head_dim {self.head_dim} x num_attention_heads {self.num_attention_heads} must equal hidden_size "
@@ -137,21 +140,22 @@ def rotate_half(x: mx.array) -> mx.array:
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.act = ACTIVATIONS[act]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: TextEncoderConfig, switches: Switches):
         super().__init__()
         self.self_attn = Attention(config, switches)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, switches)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, switches)
 

@@ -48,7 +48,7 @@ class VAE21Config(Config):
     z_dim: int = 64
     dim_mult: tuple = (1, 2, 4, 8, 8)
     num_res_blocks: int = 2
-    attn_scales: tuple = ()
+    attn_scales: tuple = ()  # not used by the residual layout (as in diffusers)
     temperal_downsample: tuple = (False, True, True, True)
     latents_mean: tuple = LATENTS_MEAN
     latents_std: tuple = LATENTS_STD
@@ -80,8 +80,8 @@ class VAE21Config(Config):
                 f"patch_size {self.patch_size}: QwenImage21Pipeline takes the VAE's factor to be 16 without patching "
                 "(diffusers hard-codes it), so a patched VAE does not fit the pipeline"
             )
-        if self.attn_scales:
-            raise ValueError(f"attn_scales {list(self.attn_scales)}: the residual 2.1 VAE has no attention there")
+        # attn_scales: diffusers builds attention at those scales only in the non-residual layout, so the residual
+        # 2.1 VAE reads and ignores it (kept here as the config says)
         for i, (a, b) in enumerate(zip(self.dims[:-1], self.dims[1:])):
             last = i == len(self.dim_mult) - 1
             t = 2 if not last and self.temperal_downsample[i] else 1

@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .activations import ACTIVATIONS, check_activation
 from .loading import Config, load_strict, read_config, read_weights
 from .rmsnorm import RMSNorm
 from .text_encoder import QwenTextEncoder, rotate_half
@@ -236,35 +237,6 @@ class QwenVLProcessor:
 # ---------------------------------------------------------------------------------------------- the vision tower
 
 
-def _gelu_tanh(x: mx.array) -> mx.array:
-    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-# transformers' ACT2FN, by name, for the vision blocks' MLP
-ACTIVATIONS = {
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "gelu": lambda x: x * 0.5 * (1.0 + mx.erf(x / math.sqrt(2.0))),
-    "gelu_python": lambda x: x * 0.5 * (1.0 + mx.erf(x / math.sqrt(2.0))),
-    "gelu_10": lambda x: mx.clip(x * 0.5 * (1.0 + mx.erf(x / math.sqrt(2.0))), -10.0, 10.0),
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_python_tanh": _gelu_tanh,
-    "gelu_new": _gelu_tanh,
-    "gelu_accurate": _gelu_tanh,
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + mx.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
-    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
-    "relu": nn.relu,
-    "relu2": lambda x: mx.square(nn.relu(x)),
-    "relu6": lambda x: mx.clip(x, 0.0, 6.0),
-    "leaky_relu": lambda x: nn.leaky_relu(x, 0.01),
-    "sigmoid": mx.sigmoid,
-    "tanh": mx.tanh,
-    "linear": lambda x: x,
-    "mish": lambda x: x * mx.tanh(nn.softplus(x)),
-    "hardswish": lambda x: x * mx.clip(x + 3.0, 0.0, 6.0) / 6.0,
-}
-
-
 @dataclass
 class VisionConfig(Config):
     """The vision side of `text_encoder/config.json` of Qwen/Qwen-Image (Qwen2.5-VL-7B-Instruct); defaults = it.
@@ -290,11 +262,7 @@ class VisionConfig(Config):
     def __post_init__(self):
         self.fullatt_block_indexes = tuple(self.fullatt_block_indexes)
         self.mrope_section = tuple(self.mrope_section)
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(
-                f"vision hidden_act {self.hidden_act!r} is not supported (Qwen2.5-VL's is silu); qwen_nb takes "
-                f"{', '.join(sorted(ACTIVATIONS))}"
-            )
+        check_activation(self.hidden_act, "vision", "silu (Qwen2.5-VL)")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
             raise ValueError(
                 f"hidden_size {self.hidden_size} / num_heads {self.num_heads} must be a whole head size divisible "

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwen_nb.activations import ACTIVATIONS
 from qwen_nb.vision import (
-    ACTIVATIONS,
     ImageProcessorConfig,
     VisionConfig,
     load_vision_tower,

@@ -129,3 +129,29 @@ def test_memory_plan_reads_the_vae_factor(tmp_path):
     decode = activation_bytes(tmp_path, mx.float32, 1024, 1024)["decode"]
     scores = 0 if mx.default_device() == mx.gpu else 2 * (64 * 64) ** 2 * 4  # fused attention keeps none
     assert decode == 8 * 1024 * 1024 * 4 * 4 + scores
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "quick_gelu", "relu"])
+def test_text_encoder_runs_the_configs_activation(tmp_path, act):
+    """A text encoder whose config names another hidden_act than silu runs that activation, as transformers does
+    (tests/fixtures/make_audit_text_fixtures.py: the tiny encoder's weights, its config's hidden_act changed)."""
+    from qwen_nb.text_encoder import load_text_encoder
+
+    golden = mx.load(str(FIXTURES / "audit_t2i" / "text_act.safetensors"))
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(FIXTURES.parent / "goldens" / "text_encoder_tiny", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_act"] = act
+    (folder / "config.json").write_text(json.dumps(config))
+    encoder = load_text_encoder(folder, mx.float32)
+    out = np.array(encoder(golden["ids"]))
+    np.testing.assert_allclose(out, np.array(golden[act]), rtol=1e-5, atol=1e-5)
+    silu = np.array(load_text_encoder(FIXTURES.parent / "goldens" / "text_encoder_tiny", mx.float32)(golden["ids"]))
+    assert np.abs(silu - np.array(golden[act])).max() > 1e-2  # the activation matters at this size
+
+
+def test_text_encoder_refuses_an_unknown_activation():
+    from qwen_nb.text_encoder import TextEncoderConfig
+
+    with pytest.raises(ValueError, match="text encoder hidden_act 'swiglu_x' is not supported.*qwen_nb takes .*silu"):
+        TextEncoderConfig.from_dict({"hidden_act": "swiglu_x"})

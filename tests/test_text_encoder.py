@@ -36,6 +36,7 @@ TINY = dict(
     rms_norm_eps=1e-6,
     rope_theta=1e6,
     vocab_size=640,
+    hidden_act="silu",
 )
 
 
@@ -132,6 +133,7 @@ def test_defaults_are_the_real_checkpoint():
         rms_norm_eps=1e-6,
         rope_theta=1e6,
         vocab_size=152064,
+        hidden_act="silu",
     )
 
 
