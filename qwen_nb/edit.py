@@ -96,6 +96,8 @@ def read_picture(source, index: int = 0) -> Image.Image:
     width, height = picture.size
     if width < 1 or height < 1:
         raise ValueError(f"{what} is {width}x{height} pixels: nothing to edit (the smallest it takes is 1x1)")
+    if picture.mode == "RGB":  # as diffusers: the VAE reads the RGB as it is; a transparent colour (a PNG's tRNS,
+        return picture  # kept in info) is composited on white for the vision tower only, after the resize
     return to_rgb(picture)
 
 
@@ -118,7 +120,7 @@ class EditPictures:
             smart_resize(p.size[1], p.size[0], config.factor, config.min_pixels, config.max_pixels)
         digest = hashlib.sha256(repr(listed and kind == "edit").encode())
         for p in pictures:
-            digest.update(repr(p.size).encode() + p.tobytes())
+            digest.update(repr((p.size, p.info.get("transparency"))).encode() + p.tobytes())
         self.key = digest.hexdigest()
 
     @staticmethod

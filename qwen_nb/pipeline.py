@@ -11,6 +11,7 @@ text encoder and the transformer do not fit together, one is freed before the ot
 QwenImageInpaintPipeline): the loop starts from the noised picture (qwen_nb.image_input) at a later step.
 """
 
+import hashlib
 import inspect
 import json
 import os
@@ -829,7 +830,7 @@ class QwenImagePipeline(LoraMethods):
         `use_lightning(n)`: n and 1.0). `latents` is the noise (1, C, H/8, W/8)
         before packing (or packed, (1, H/16 * W/16, 4 C), as diffusers' `latents=`); otherwise it is drawn from `seed` (random when None; the seed used is in `last_stats`).
 
-        With `image` (a PIL image, a path, or a uint8 array) it is diffusers' QwenImageImg2ImgPipeline(...,
+        With `image` (a PIL image, a path, a uint8 array, or a float array in [0, 1] as diffusers takes it) it is diffusers' QwenImageImg2ImgPipeline(...,
         image=image, strength=strength): the picture is resized (Lanczos) to height x width, which default to the
         native size as in diffusers (not to the picture's size), encoded to the VAE posterior's mode (diffusers
         draws a sample), noised to the first step run, and the first int(steps - steps * strength) steps are
@@ -865,7 +866,8 @@ class QwenImagePipeline(LoraMethods):
             seed = seed if latents is None else 0
             seed = par.share_seed(seed)
             request = (prompt, negative_prompt, height, width, steps, cfg_scale, seed, count, strength)
-            given = [None if v is None else np.asarray(v).tobytes().hex()[:64] for v in (latents, image, mask_image)]
+            shown = (latents,) + ((None, None) if picture is None else (picture.image, picture.mask))  # read, not paths
+            given = [None if v is None else hashlib.sha256(np.asarray(v).tobytes()).hexdigest() for v in shown]
             loras = [(sorted(lora.modules), s) for lora, s in self.loras.entries]
             par.agree("requests (prompt, size, steps, cfg, seed, pictures, LoRAs)", (request, given, loras))
         share = list(range(count)) if par is None else par.images(count)  # the pictures this rank makes

@@ -116,9 +116,15 @@ def open_picture(picture) -> Image.Image:
     if isinstance(picture, Image.Image):
         return picture
     if isinstance(picture, np.ndarray):
-        return Image.fromarray(picture)
+        try:
+            return Image.fromarray(picture)  # as diffusers
+        except TypeError as e:
+            raise ValueError(
+                f"a condition picture array must be one Pillow makes a picture of, e.g. uint8 (H, W), (H, W, 3) or "
+                f"(H, W, 4); got {picture.dtype} {picture.shape} ({e}). Floats in [0, 1]: (a * 255).round().astype(np.uint8)"
+            ) from None
     if isinstance(picture, (str, Path)):
-        path = Path(picture)
+        path = Path(picture).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no picture at {path}")
         try:
@@ -367,6 +373,8 @@ class QwenImage21Pipeline(LoraMethods):
             raise ValueError("image is an empty list: give a picture, a list of pictures, or None")
         out = []
         for p in pictures:
+            if p.size[0] < 1 or p.size[1] < 1:
+                raise ValueError(f"a condition picture is {p.size[0]}x{p.size[1]} pixels: it needs at least one")
             p = p if p.mode == "RGBA" else p.convert("RGBA")
             w, h = calculate_dimensions(resolution * resolution, p.size[0] / p.size[1])
             if w <= 0 or h <= 0:

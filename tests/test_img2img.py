@@ -159,9 +159,12 @@ def test_a_path_and_a_uint8_array_are_the_picture():
         np.testing.assert_array_equal(image_input.preprocess_image(source, 48, 64), ref)
     rgba = Image.fromarray(np.dstack([np.asarray(picture), np.full((60, 80), 255, np.uint8)]), "RGBA")
     np.testing.assert_array_equal(image_input.preprocess_image(rgba, 48, 64), ref)  # taken as RGB
-    mask = Image.open(PICTURES / "mask_80x60.png")
+    mask = Image.open(
+        PICTURES / "mask_80x60.png"
+    )  # a uint8 array is diffusers' array mask (tests/test_audit_inputs.py)
     np.testing.assert_array_equal(
-        image_input.preprocess_mask(np.asarray(mask), 48, 64), image_input.preprocess_mask(mask, 48, 64)
+        image_input.preprocess_mask(Image.fromarray(np.asarray(mask)), 48, 64),
+        image_input.preprocess_mask(mask, 48, 64),
     )
 
 
@@ -231,8 +234,8 @@ def test_missing_unreadable_and_unsupported_pictures(pipe, tmp_path):
     bad.write_bytes(b"not a picture")
     with pytest.raises(ValueError, match="cannot read .*bad.png as a picture"):
         gen(pipe, image=bad)
-    with pytest.raises(ValueError, match="a numpy array must be uint8"):
-        gen(pipe, image=np.zeros((48, 64, 3), np.float32))
+    with pytest.raises(ValueError, match="a numpy array must be uint8 .* or float"):
+        gen(pipe, image=np.zeros((48, 64, 3), np.uint16))
     with pytest.raises(ValueError, match="image must be a PIL image, a path"):
         gen(pipe, image=[1, 2, 3])
     with pytest.raises(FileNotFoundError, match="mask_image: no such file"):
