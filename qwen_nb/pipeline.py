@@ -827,11 +827,12 @@ class QwenImagePipeline(LoraMethods):
         CFG runs when cfg_scale > 1 and negative_prompt is not None (" " is qwen_nb's default: the model card's
         "no negative prompt", which still runs CFG; diffusers' default None turns it off). height and width default
         to the checkpoint's native size (1024x1024 for the real ones); steps and cfg_scale to 20 and 4.0 (after
-        `use_lightning(n)`: n and 1.0). `latents` is the noise (1, C, H/8, W/8)
-        before packing (or packed, (1, H/16 * W/16, 4 C), as diffusers' `latents=`); otherwise it is drawn from `seed` (random when None; the seed used is in `last_stats`).
+        `use_lightning(n)`: n and 1.0). `latents` is the noise (1, C, H/8, W/8) before packing (or packed,
+        (1, H/16 * W/16, 4 C), as diffusers' `latents=`); otherwise it is drawn from `seed` (random when None; the
+        seed used is in `last_stats`).
 
-        With `image` (a PIL image, a path, a uint8 array, or a float array in [0, 1] as diffusers takes it) it is diffusers' QwenImageImg2ImgPipeline(...,
-        image=image, strength=strength): the picture is resized (Lanczos) to height x width, which default to the
+        With `image` (a PIL image, a path, a uint8 array, or a float array in [0, 1] as diffusers takes it) it is
+        diffusers' QwenImageImg2ImgPipeline(..., image=image, strength=strength): the picture is resized (Lanczos) to height x width, which default to the
         native size as in diffusers (not to the picture's size), encoded to the VAE posterior's mode (diffusers
         draws a sample), noised to the first step run, and the first int(steps - steps * strength) steps are
         skipped. With `mask_image` too (the picture's size; white is repainted, black kept) it is

@@ -4,7 +4,6 @@ with diffusers 0.42.1): float numpy pictures (nearest resize, 2x - 1), numpy mas
 reads it; and the errors for paths that are not pictures."""
 
 import json
-import warnings
 from pathlib import Path
 
 import mlx.core as mx
