@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .loading import CheckpointError, shard_index, weight_files
+from .loading import CheckpointError, shard_index, weight_files, weight_layout
 from .text_encoder import is_language_model
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -66,14 +66,17 @@ def looks_like_repo_id(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not s.startswith((".", "~"))
 
 
-def component_weight_files(folder: Path, component: str, vision: bool = False) -> list[Path]:
+def component_weight_files(
+    folder: Path, component: str, vision: bool = False, variant: str | None = None
+) -> list[Path]:
     """The safetensors files of one component that the pipeline reads (`vision`: an edit pipeline's), each checked
     for completeness: missing ones are a FileNotFoundError listing them all, a truncated or corrupt one a
-    CheckpointError naming it."""
+    CheckpointError naming it. `variant` ("fp16"): that variant's files where there are any (see
+    `loading.weight_layout`)."""
     folder = Path(folder) / component
     rules = keep_rules(vision)
     keep = rules.get(component, lambda name: True)
-    wanted = sorted({shard for name, shard in shard_index(folder).items() if keep(name)})
+    wanted = sorted({shard for name, shard in shard_index(folder, variant).items() if keep(name)})
     missing = [s for s in wanted if not (folder / s).exists()]
     if missing:
         raise FileNotFoundError(
@@ -81,10 +84,10 @@ def component_weight_files(folder: Path, component: str, vision: bool = False) -
             f"{', '.join(missing)}. Download them again (for a hub id, run the same from_pretrained call again: "
             "it resumes and fetches only what is missing), or copy them from the original checkpoint."
         )
-    return weight_files(folder, rules.get(component))
+    return weight_files(folder, rules.get(component), variant)
 
 
-def check_pipeline_folder(folder, vision: bool = False) -> Path:
+def check_pipeline_folder(folder, vision: bool = False, variant: str | None = None) -> Path:
     """Raise a FileNotFoundError / CheckpointError naming the problem and the fix unless `folder` is a complete
     Qwen-Image pipeline (with `vision`, an edit pipeline's: processor/ and the vision tower too); return it."""
     folder = Path(folder).expanduser()
@@ -128,38 +131,43 @@ def check_pipeline_folder(folder, vision: bool = False) -> Path:
             "folder from the original checkpoint."
         )
     for c in WEIGHT_COMPONENTS:
-        component_weight_files(folder, c, vision)
+        component_weight_files(folder, c, vision, variant)
     return folder
 
 
 def resolve(
-    repo_id_or_folder, revision: str | None = None, cache_dir=None, verbose: bool = True, vision: bool = False
+    repo_id_or_folder,
+    revision: str | None = None,
+    cache_dir=None,
+    verbose: bool = True,
+    vision: bool = False,
+    variant: str | None = None,
 ) -> Path:
     """A complete pipeline folder from a local path or a hub id (downloading what is missing). `vision`: for an
     edit pipeline, which reads the text encoder's vision tower and processor/ too."""
     s = str(repo_id_or_folder)
     path = Path(s).expanduser()
     if path.exists() or not looks_like_repo_id(s):
-        return check_pipeline_folder(path, vision)
-    return download(s, revision=revision, cache_dir=cache_dir, verbose=verbose, vision=vision)
+        return check_pipeline_folder(path, vision, variant)
+    return download(s, revision=revision, cache_dir=cache_dir, verbose=verbose, vision=vision, variant=variant)
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def cached_snapshot(repo_id: str, revision=None, cache_dir=None, vision: bool = False) -> Path:
+def cached_snapshot(repo_id: str, revision=None, cache_dir=None, vision: bool = False, variant=None) -> Path:
     """The cached snapshot folder of `repo_id`, checked complete; raises if there is none or it is incomplete."""
     from huggingface_hub import snapshot_download
 
     path = snapshot_download(
         repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES, local_files_only=True
     )
-    return check_pipeline_folder(path, vision)
+    return check_pipeline_folder(path, vision, variant)
 
 
 def plan_download(
-    repo_id: str, small_folder: Path, sizes: dict[str, int], vision: bool = False
+    repo_id: str, small_folder: Path, sizes: dict[str, int], vision: bool = False, variant: str | None = None
 ) -> tuple[list[str], list[str]]:
     """(weight files to fetch, files skipped) from the downloaded indexes and the repo's file list (`vision`: for
     an edit pipeline, the vision tower's shards fetched too)."""
@@ -167,11 +175,18 @@ def plan_download(
     wanted, skipped = [], []
     for c in WEIGHT_COMPONENTS:
         in_repo = sorted(f for f in sizes if fnmatch.fnmatch(f, f"{c}/*.safetensors"))
-        index = shard_index(small_folder / c)
+        # the files diffusers / transformers read, by the repo's names: the plain weights, else the only variant's
+        names = sorted(f[len(c) + 1 :] for f in sizes if fnmatch.fnmatch(f, f"{c}/*"))
+        layout = weight_layout(names, f"{repo_id}/{c}", variant)
+        index = {}
+        for name in layout[2] if layout else ():
+            index.update(json.loads((small_folder / c / name).read_text())["weight_map"])
         if index:
             keep = rules.get(c, lambda name: True)
             needed = sorted({f"{c}/{shard}" for name, shard in index.items() if keep(name)})
             skipped += sorted({f"{c}/{shard}" for shard in index.values()} - set(needed))
+        elif layout:
+            needed = [f"{c}/{name}" for name in layout[1]]
         else:
             needed = in_repo
         if not needed:
@@ -181,14 +196,19 @@ def plan_download(
 
 
 def download(
-    repo_id: str, revision: str | None = None, cache_dir=None, verbose: bool = True, vision: bool = False
+    repo_id: str,
+    revision: str | None = None,
+    cache_dir=None,
+    verbose: bool = True,
+    vision: bool = False,
+    variant: str | None = None,
 ) -> Path:
     """Fetch what the pipeline needs from `repo_id` into the hub cache (resuming) and return the snapshot folder."""
     from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return cached_snapshot(repo_id, revision, cache_dir, vision)
+        return cached_snapshot(repo_id, revision, cache_dir, vision, variant)
     except (LocalEntryNotFoundError, FileNotFoundError) as e:  # not cached, or partly: download what is missing
         problem = e
     # a corrupt cached file (CheckpointError) is raised as it is: downloading again would not replace it
@@ -223,7 +243,7 @@ def download(
     small = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES))
     if not (small / "model_index.json").exists():
         raise FileNotFoundError(f"{repo_id} has no model_index.json: it is not a diffusers pipeline. Give {LAYOUT}.")
-    wanted, skipped = plan_download(repo_id, small, sizes, vision)
+    wanted, skipped = plan_download(repo_id, small, sizes, vision, variant)
 
     total = sum(sizes.get(f, 0) for f in wanted)
     have = sum(
@@ -250,4 +270,4 @@ def download(
             "Free some space or point HF_HUB_CACHE at a larger disk."
         )
     folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=SMALL_FILES + wanted)
-    return check_pipeline_folder(folder, vision)
+    return check_pipeline_folder(folder, vision, variant)

@@ -10,7 +10,7 @@ sigma 0.
 
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +22,7 @@ from .attention import FUSED_PROJECTIONS, JointAttention, joint_key_mask, split_
 from .loading import Config, load_strict, read_config, read_weights
 from .quantize import GROUP_SIZE, MODULATION_BITS, is_timestep_weight, quantize_transformer
 from .rmsnorm import RMSNorm
-from .rope import build_rope_table, rope_table
+from .rope import axis_frequencies, build_rope_table, image_positions, rope_table
 from .switches import Switches
 from .timestep_embedder import QwenTimestepProjEmbeddings
 
@@ -43,6 +43,11 @@ class TransformerConfig(Config):
     # condition tokens, and with none diffusers' result is the same as without the flag (tested).
     zero_cond_t: bool = False
     eps: float = 1e-6
+    # diffusers' flags that qwen_nb does not build (see REFUSED): accepted as keywords so that diffusers' full set of
+    # keywords can be given, and refused when true
+    guidance_embeds: bool = False
+    use_additional_t_cond: bool = False
+    use_layer3d_rope: bool = False
 
     # Flags of diffusers 0.42.1's config that change the computation and that qwen_nb does not build, with why.
     REFUSED = {
@@ -56,6 +61,7 @@ class TransformerConfig(Config):
     }
 
     def __post_init__(self):
+        self.refuse(vars(self))
         self.axes_dims_rope = tuple(self.axes_dims_rope)
         if self.out_channels is None:
             self.out_channels = self.in_channels
@@ -66,11 +72,8 @@ class TransformerConfig(Config):
             )
         if any(d % 2 for d in self.axes_dims_rope):
             raise ValueError(f"every entry of axes_dims_rope {list(self.axes_dims_rope)} must be even (channel pairs)")
-        if self.in_channels % self.patch_size**2:
-            raise ValueError(
-                f"in_channels {self.in_channels} must be patch_size**2 = {self.patch_size**2} times the latent "
-                "channels: a token is a patch_size x patch_size patch of latent pixels"
-            )
+        # in_channels need not be a multiple of patch_size**2: diffusers' transformer takes any width (patch_size
+        # only sizes proj_out); the pipeline checks the transformer against the VAE (Sizes.read)
 
     @property
     def dim(self) -> int:
@@ -79,12 +82,23 @@ class TransformerConfig(Config):
     @property
     def latent_channels(self) -> int:
         """Channels of the unpacked latents (the VAE's z_dim): in_channels / patch_size**2."""
+        if self.in_channels % self.patch_size**2:
+            raise ValueError(
+                f"in_channels {self.in_channels} is not patch_size**2 = {self.patch_size**2} times a number of latent "
+                "channels: this transformer does not take patch_size x patch_size patches of latent pixels"
+            )
         return self.in_channels // self.patch_size**2
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
         """From a `config.json` dict. Keys that do not change the computation (`_class_name`,
         `pooled_projection_dim`...) are ignored; flags that do and that qwen_nb does not build are refused."""
+        cls.refuse(d)
+        return super().from_dict(d)
+
+    @classmethod
+    def refuse(cls, d: dict) -> None:
+        """Raise a ValueError naming each flag of `d` that qwen_nb does not build and that is set."""
         refused = [k for k in cls.REFUSED if d.get(k)]
         if refused:
             raise ValueError(
@@ -93,7 +107,6 @@ class TransformerConfig(Config):
                 + ". qwen_nb runs Qwen-Image's text-to-image transformer, where these are false: a model built "
                 "without them would make wrong pictures."
             )
-        return super().from_dict(d)
 
     @classmethod
     def tiny(cls, **overrides) -> "TransformerConfig":
@@ -235,6 +248,8 @@ class TransformerBlock(BlockModulation):
 
         img = img_residual(img, 5, self.img_mlp(img_modulate(img, 3)))
         txt = self._residual(txt, txt_gate2, self.txt_mlp(norm_modulate(txt, txt_shift2, txt_scale2, eps, sw)))
+        if img.dtype == mx.float16:  # diffusers clips float16 streams to the finite range after every block
+            img, txt = mx.clip(img, -65504, 65504), mx.clip(txt, -65504, 65504)
         return img, txt
 
 
@@ -335,11 +350,60 @@ def _call_block(block, img, txt, mod, rope, mask, split=None):
     return block(img, txt, mod, rope, mask, split)
 
 
+def _is_shape(g) -> bool:
+    return isinstance(g, (tuple, list)) and len(g) in (2, 3) and all(isinstance(v, (int, np.integer)) for v in g)
+
+
+def frame_shapes(grid) -> list[tuple[int, int, int]]:
+    """The grid as a list of (frames, h, w), diffusers' `img_shapes` entries. `grid` is an (h, w) patch grid or
+    diffusers' (frames, h, w), or a list of them: the image's, then each condition picture's (entry k takes the
+    RoPE's frames k .. k + frames - 1, as in diffusers). diffusers' per-sample nesting (a list with one such list per
+    batch element) is taken when every element's is the same, as diffusers' RoPE uses the first."""
+    if _is_shape(grid):
+        grid = [grid]
+    grid = list(grid)
+    if grid and all(isinstance(g, (tuple, list)) and g and not _is_shape(g) for g in grid):  # per-sample lists
+        first = frame_shapes(grid[0])
+        if any(frame_shapes(g) != first for g in grid[1:]):
+            raise ValueError(
+                f"grid gives different shapes for the batch's samples ({grid}): one grid serves the whole batch "
+                "(diffusers' RoPE also uses the first sample's alone). Give one grid."
+            )
+        return first
+    if not grid or not all(_is_shape(g) for g in grid):
+        raise ValueError(
+            f"grid {grid!r} is not an (h, w) patch grid, a (frames, h, w) shape, or a list of them (the image's, "
+            "then each condition picture's)"
+        )
+    shapes = [(1, int(g[0]), int(g[1])) if len(g) == 2 else tuple(int(v) for v in g) for g in grid]
+    if any(min(s) < 1 for s in shapes):
+        raise ValueError(f"grid {grid!r} has a size below 1")
+    return shapes
+
+
 def frames(grid) -> list[tuple[int, int]]:
-    """A (h, w) patch grid, or a list of them (the image's, then condition pictures'), as a list of (h, w)."""
-    if len(grid) == 2 and all(isinstance(v, (int, np.integer)) for v in grid):
-        return [(int(grid[0]), int(grid[1]))]
-    return [(int(h), int(w)) for h, w in grid]
+    """A (h, w) patch grid, or a list of them (the image's, then condition pictures'), as a list of (h, w); an entry
+    of several frames (diffusers' (frames, h, w)) counts once (see `frame_shapes`)."""
+    return [(h, w) for _, h, w in frame_shapes(grid)]
+
+
+@lru_cache(maxsize=16)
+def multi_frame_rope(shapes: tuple, text_len: int, axes_dims: tuple, theta: float = 10000.0):
+    """(cos, sin) of diffusers' `QwenEmbedRope` for img_shapes entries of several frames: entry k's frames take
+    frame positions k, k + 1, ... (diffusers' `freqs_pos[0][idx : idx + frame]`), each frame its centred (h, w)
+    grid; the text starts past the largest grid's half. The same float32 roundings as `rope.rope_angles`."""
+    f_frame, f_row, f_col = (axis_frequencies(d, theta) for d in axes_dims)
+    parts = []
+    for k, (f, h, w) in enumerate(shapes):
+        rows, cols = (p[:, None].astype(np.float32) for p in image_positions(h, w))
+        for j in range(f):
+            frame = np.full((h * w, 1), k + j, np.float32)
+            parts.append(np.concatenate([frame * f_frame[None], rows * f_row[None], cols * f_col[None]], axis=1))
+    start = max(max(h // 2, w // 2) for _, h, w in shapes)
+    text_pos = np.arange(start, start + text_len, dtype=np.float32)[:, None]
+    text = text_pos * np.concatenate([f_frame, f_row, f_col])[None]
+    a = np.concatenate([text, *parts], axis=0).astype(np.float64)
+    return mx.array(np.cos(a).astype(np.float32)), mx.array(np.sin(a).astype(np.float32))
 
 
 class QwenImageTransformer(nn.Module):
@@ -457,11 +521,23 @@ class QwenImageTransformer(nn.Module):
         `text_mask` (B, L), 1 for real tokens, hides padded text keys. `mods` takes a precomputed
         `ModulationTable` row instead of sigma; `block_hook(i, img, txt)` is called after each block
         (for the eval-placement experiment) and may return replacements."""
+        if latents.ndim != 3 or text.ndim != 3:
+            raise ValueError(
+                f"latents {tuple(latents.shape)} and text {tuple(text.shape)} must be 3-D: (batch, tokens, channels)"
+            )
         B, N, C = latents.shape
-        grids = frames(grid)
-        patches = sum(h * w for h, w in grids)
+        if text.shape[0] not in (1, B):
+            raise ValueError(f"text embeddings have batch {text.shape[0]}, latents {B}: give one text per latent")
+        if sigma is not None:
+            sigma = sigma if isinstance(sigma, mx.array) else mx.array(sigma, dtype=mx.float32)
+            sigma = sigma.reshape(1) if sigma.ndim == 0 else sigma
+            if sigma.ndim != 1 or sigma.shape[0] not in (1, B):
+                raise ValueError(f"sigma has shape {tuple(sigma.shape)}: give one per batch element, ({B},), or (1,)")
+        shapes = frame_shapes(grid)
+        grids = [(h, w) for _, h, w in shapes]
+        patches = sum(f * h * w for f, h, w in shapes)
         if patches != N:
-            shown = " + ".join(f"{h}x{w}" for h, w in grids)
+            shown = " + ".join(f"{h}x{w}" if f == 1 else f"{f}x{h}x{w}" for f, h, w in shapes)
             raise ValueError(f"grid {shown} has {patches} patches, but latents have N = {N} tokens")
         if C != self.config.in_channels:
             raise ValueError(f"latents have {C} channels; this transformer expects {self.config.in_channels}")
@@ -472,14 +548,23 @@ class QwenImageTransformer(nn.Module):
         txt = self.txt_in(self.txt_norm(text))
         if mods is None:
             mods = self.modulations(sigma, img.dtype)
+        if text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:2]):
+            raise ValueError(
+                f"text_mask has shape {tuple(text_mask.shape)}; it must be (batch, text length) = "
+                f"{tuple(text.shape[:2])}, as the text embeddings (1 for real tokens, 0 for padding)"
+            )
         mask = None if text_mask is None else joint_key_mask(text_mask, N)
 
         # Qwen-Image-Edit-2511: the condition pictures' tokens are modulated at sigma 0
-        split = grids[0][0] * grids[0][1] if self.config.zero_cond_t and len(grids) > 1 else None
+        first = shapes[0][0] * shapes[0][1] * shapes[0][2]
+        split = first if self.config.zero_cond_t and first < N else None
         if split is not None and mods.cond is None:
             raise ValueError("zero_cond_t needs the modulation at sigma 0: a table made by this model's config")
         cached = self.switches.rope_cache
-        rope = self.rope(*grids[0], L, grids[1:]) if cached else None
+        if any(f > 1 for f, _, _ in shapes):  # frames of several pictures in one entry: diffusers' frame positions
+            cached, rope = True, multi_frame_rope(tuple(shapes), L, tuple(self.config.axes_dims_rope))
+        elif cached:
+            rope = self.rope(*grids[0], L, grids[1:])
         if self.switches.compiled_blocks:
             run = self._compiled_block(mask is not None, split)
         else:
@@ -522,12 +607,15 @@ def load_transformer(
     switches: Switches | None = None,
     modulation: bool = True,
     adjust=None,
+    variant: str | None = None,
 ):
     """(model, QuantizationReport or None) from a checkpoint's `transformer/` folder, lazily (nothing is read until
     evaluated): strict on diffusers' names, then quantized (lazily too) and q/k/v fused as `switches` say. A folder
     written by `save_pretrained` with a `quantization` entry is loaded in that structure. `modulation=False` leaves
     out the weights that depend on sigma alone (`is_timestep_weight`): they are not even read. `adjust(weights)`
-    may change the checkpoint-named weights before they load (a LoRA merged before quantizing)."""
+    may change the checkpoint-named weights before they load (a LoRA merged before quantizing). `variant`
+    ("fp16"): read that variant's files where the folder has them, as diffusers' `variant=` (see
+    `loading.weight_layout`)."""
     folder = Path(folder)
     raw = read_config(folder)
     switches = switches or Switches()
@@ -540,7 +628,7 @@ def load_transformer(
     model = QwenImageTransformer(TransformerConfig.from_dict(raw), switches, modulation)
     stored_report = _quantize_as_stored(model, stored)
     keep = None if modulation else (lambda name: not is_timestep_weight(name))
-    weights = read_weights(folder, dtype, keep=keep)
+    weights = read_weights(folder, dtype, keep=keep, variant=variant)
     if adjust is not None:
         weights = adjust(weights)
     load_strict(model, weights, "transformer")
@@ -549,7 +637,12 @@ def load_transformer(
 
 
 def load_modulation_table(
-    folder, sigmas: mx.array, dtype: mx.Dtype = mx.bfloat16, quantize: int | None = None, adjust=None
+    folder,
+    sigmas: mx.array,
+    dtype: mx.Dtype = mx.bfloat16,
+    quantize: int | None = None,
+    adjust=None,
+    variant: str | None = None,
 ) -> ModulationTable:
     """A schedule's `ModulationTable` straight from a checkpoint's `transformer/` folder, reading the weights that
     depend on sigma alone one block at a time: each block's img_mod/txt_mod are read, used, evaluated and dropped,
@@ -559,7 +652,7 @@ def load_modulation_table(
     folder = Path(folder)
     raw = read_config(folder)
     config, stored = TransformerConfig.from_dict(raw), raw.get("quantization")
-    weights = read_weights(folder, dtype, keep=is_timestep_weight)
+    weights = read_weights(folder, dtype, keep=is_timestep_weight, variant=variant)
     if adjust is not None:
         weights = adjust(weights)
 
