@@ -169,8 +169,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         `_vae_image_area` (pixels; qwen_nb's key for small test checkpoints) in place of 1024*1024."""
         if options.get("fast") is not None:
             raise ValueError("fast= is not taken by the edit pipelines: call pipe.use_lightning(steps) after loading")
-        verbose = options.get("verbose", True)
-        folder = resolve(repo_id_or_folder, revision, cache_dir, verbose, vision=True)
+        verbose, variant = options.get("verbose", True), options.get("variant")
+        folder = resolve(repo_id_or_folder, revision, cache_dir, verbose, vision=True, variant=variant)
         kind, _, vision_config = edit_checkpoint(folder)
         pipe = super().from_pretrained(folder, dtype, quantize, **options)
         index = json.loads((folder / "model_index.json").read_text())
@@ -178,7 +178,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             kind,
             QwenVLProcessor.from_pretrained(folder / "processor"),
             vision_config,
-            lambda: load_vision_tower(folder / "text_encoder", pipe.options.dtype),
+            lambda: load_vision_tower(folder / "text_encoder", pipe.options.dtype, variant=pipe.options.variant),
             int(index.get("_vae_image_area", VAE_AREA)),
             TransformerConfig.from_folder(folder / "transformer").zero_cond_t,
         )

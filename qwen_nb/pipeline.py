@@ -240,6 +240,8 @@ class PipelineOptions:
         modulation weights (6.8B of 20.4B parameters), which are read block by block and never resident.
     lora_adapters: run LoRAs as low-rank matmuls beside the (quantized) linears instead of merging them into the
         weights before quantizing (merging is the default: no cost per step).
+    variant: read the weight files of this variant (e.g. "fp16": `model.fp16.safetensors`) where a component has
+        them, else its plain files, as diffusers' `variant=`; None: the plain files (or a folder's only variant).
     switches: the model's speed techniques (`Switches`)."""
 
     dtype: mx.Dtype | None = None
@@ -255,6 +257,7 @@ class PipelineOptions:
     batched_cfg: bool = True
     schedule_modulation: bool = True
     lora_adapters: bool = False
+    variant: str | None = None
     switches: Switches = field(default_factory=Switches)
 
     def __post_init__(self):
@@ -405,7 +408,9 @@ class QwenImagePipeline(LoraMethods):
             if parallel.mode == "tensor" and opts.lora_adapters:
                 raise ValueError("parallel='tensor' merges LoRAs into each rank's part: use lora_adapters=False")
         vision = cls.reads_pictures
-        folder = resolve(repo_id_or_folder, revision, cache_dir, opts.verbose, vision)
+        if parallel is not None and parallel.mode == "tensor" and opts.variant is not None:
+            raise ValueError("parallel='tensor' reads the plain weight files: leave variant=None")
+        folder = resolve(repo_id_or_folder, revision, cache_dir, opts.verbose, vision, opts.variant)
         config = TransformerConfig.from_folder(folder / "transformer")
         sizes = Sizes.read(config, VAEConfig.from_folder(folder / "vae"), native_size(folder))
         stored = read_config(folder / "transformer").get("quantization")
@@ -453,6 +458,7 @@ class QwenImagePipeline(LoraMethods):
                 opts.switches,
                 modulation=not opts.schedule_modulation,
                 adjust=pipe.loras.apply_to_weights if len(pipe.loras) and not adapters else None,
+                variant=opts.variant,
             )
             if adapters:
                 pipe.loras.forget()  # a new model: nothing of the last one to put back
@@ -470,17 +476,20 @@ class QwenImagePipeline(LoraMethods):
                 loras = pipe.loras if len(pipe.loras) else None
                 return parallel.load_modulation_table(folder / "transformer", sigmas, opts.dtype, opts.quantize, loras)
             adjust = pipe.loras.apply_to_weights if len(pipe.loras) else None
-            return load_modulation_table(folder / "transformer", sigmas, opts.dtype, opts.quantize, adjust)
+            return load_modulation_table(
+                folder / "transformer", sigmas, opts.dtype, opts.quantize, adjust, variant=opts.variant
+            )
 
         def text_encoder():
-            load = parallel.load_text_encoder if tensor else load_text_encoder
-            return load(folder / "text_encoder", opts.dtype, opts.switches)
+            if tensor:
+                return parallel.load_text_encoder(folder / "text_encoder", opts.dtype, opts.switches)
+            return load_text_encoder(folder / "text_encoder", opts.dtype, opts.switches, opts.variant)
 
         store = ComponentStore(
             {
                 "transformer": transformer,
                 "text_encoder": text_encoder,
-                "vae": lambda: load_vae(folder / "vae", opts.dtype),
+                "vae": lambda: load_vae(folder / "vae", opts.dtype, variant=opts.variant),
             }
         )
         pipe = cls(
@@ -996,7 +1005,12 @@ class QwenImagePipeline(LoraMethods):
             )
         adjust = self.loras.apply_to_weights if len(self.loras) else None  # LoRAs saved merged
         model, report = load_transformer(
-            self.folder / "transformer", self.dtype, self.quantize, Switches().only(fused_qkv=False), adjust=adjust
+            self.folder / "transformer",
+            self.dtype,
+            self.quantize,
+            Switches().only(fused_qkv=False),
+            adjust=adjust,
+            variant=self.options.variant,
         )
         weights = model.diffusers_weights()
         del model  # the dict is the weights' only holder: they are read and written a shard at a time

@@ -168,7 +168,7 @@ def check_pipeline21_folder(folder) -> Path:
     return folder
 
 
-def resolve21(repo_id_or_folder, revision=None, cache_dir=None, verbose: bool = True) -> Path:
+def resolve21(repo_id_or_folder, revision=None, cache_dir=None, verbose: bool = True, variant=None) -> Path:
     """A complete 2.1 folder from a local path, or a hub id downloaded by qwen_nb.hub (the vision tower included)."""
     from .hub import looks_like_repo_id
 
@@ -178,7 +178,8 @@ def resolve21(repo_id_or_folder, revision=None, cache_dir=None, verbose: bool = 
         return check_pipeline21_folder(path)
     from .hub import download
 
-    return check_pipeline21_folder(download(s, revision=revision, cache_dir=cache_dir, verbose=verbose, vision=True))
+    folder = download(s, revision=revision, cache_dir=cache_dir, verbose=verbose, vision=True, variant=variant)
+    return check_pipeline21_folder(folder)
 
 
 class QwenImage21Pipeline(LoraMethods):
@@ -237,7 +238,7 @@ class QwenImage21Pipeline(LoraMethods):
         "segments" or "mask" (`transformer21.BlockCausal`). The other keywords are `PipelineOptions`; vae_tile,
         max_sequence_length, schedule_modulation and switches belong to Qwen-Image (2.0) and are not used here."""
         opts = cls._options(dtype=dtype, quantize=quantize, **options)
-        folder = resolve21(repo_id_or_folder, revision=revision, cache_dir=cache_dir, verbose=opts.verbose)
+        folder = resolve21(repo_id_or_folder, revision, cache_dir, opts.verbose, opts.variant)
         index = read_config(folder, "model_index.json")
         h, w = plan_size or (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION)
         plan = plan_memory(folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, schedule_modulation=False)
@@ -253,7 +254,7 @@ class QwenImage21Pipeline(LoraMethods):
             adapters = opts.lora_adapters and len(pipe.loras) > 0
             adjust = pipe.loras.apply_to_weights if len(pipe.loras) and not adapters else None
             model, pipe.quantization = load_transformer21(
-                folder / "transformer", opts.dtype, opts.quantize, attention, adjust
+                folder / "transformer", opts.dtype, opts.quantize, attention, adjust, opts.variant
             )
             if adapters:
                 pipe.loras.forget()
@@ -263,8 +264,10 @@ class QwenImage21Pipeline(LoraMethods):
         store = ComponentStore(
             {
                 "transformer": transformer,
-                "text_encoder": lambda: load_qwen3_vl(folder / "text_encoder", opts.dtype, vision=pipe._vision),
-                "vae": lambda: load_vae21(folder / "vae", opts.dtype),
+                "text_encoder": lambda: load_qwen3_vl(
+                    folder / "text_encoder", opts.dtype, vision=pipe._vision, variant=opts.variant
+                ),
+                "vae": lambda: load_vae21(folder / "vae", opts.dtype, variant=opts.variant),
             }
         )
         pipe = cls(

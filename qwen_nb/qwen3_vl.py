@@ -686,7 +686,9 @@ def is_vision_weight(name: str) -> bool:
     return name.startswith(("model.visual.", "visual."))
 
 
-def load_qwen3_vl(folder, dtype: mx.Dtype = mx.bfloat16, vision: bool = True) -> Qwen3VLTextEncoder:
+def load_qwen3_vl(
+    folder, dtype: mx.Dtype = mx.bfloat16, vision: bool = True, variant: str | None = None
+) -> Qwen3VLTextEncoder:
     """The Qwen3-VL text encoder of a 2.1 checkpoint's `text_encoder/` folder, lazily and strictly; with
     `vision=False` the vision tower is neither built nor read (shards holding only it are not opened)."""
     folder = Path(folder)
@@ -695,7 +697,7 @@ def load_qwen3_vl(folder, dtype: mx.Dtype = mx.bfloat16, vision: bool = True) ->
     def keep(name: str) -> bool:
         return not name.startswith("lm_head.") and (vision or not is_vision_weight(name))
 
-    weights = Qwen3VLTextEncoder.sanitize(read_weights(folder, dtype, keep=keep))
+    weights = Qwen3VLTextEncoder.sanitize(read_weights(folder, dtype, keep=keep, variant=variant))
     load_strict(model, weights, "Qwen3-VL text encoder")
     return model
 

@@ -216,12 +216,14 @@ def language_model_name(name: str) -> str:
     return "model." + name[len(prefix) :] if name.startswith(prefix) else name
 
 
-def load_text_encoder(folder, dtype: mx.Dtype = mx.bfloat16, switches: Switches | None = None) -> QwenTextEncoder:
+def load_text_encoder(
+    folder, dtype: mx.Dtype = mx.bfloat16, switches: Switches | None = None, variant: str | None = None
+) -> QwenTextEncoder:
     """The language model of a checkpoint's `text_encoder/` folder (config.json + safetensors shards), in `dtype`,
     loaded lazily and strictly; shards of vision-tower or lm_head tensors only are not opened."""
     folder = Path(folder)
     model = QwenTextEncoder(TextEncoderConfig.from_folder(folder), switches)
-    weights = QwenTextEncoder.sanitize(read_weights(folder, dtype, keep=is_language_model))
+    weights = QwenTextEncoder.sanitize(read_weights(folder, dtype, keep=is_language_model, variant=variant))
     load_strict(model, weights, "Qwen2.5-VL text encoder")
     return model
 

@@ -508,7 +508,12 @@ def quantize_transformer21(model: nn.Module, bits: int, group_size: int = GROUP_
 
 
 def load_transformer21(
-    folder, dtype: mx.Dtype = mx.bfloat16, quantize: int | None = None, attention: str = "segments", adjust=None
+    folder,
+    dtype: mx.Dtype = mx.bfloat16,
+    quantize: int | None = None,
+    attention: str = "segments",
+    adjust=None,
+    variant: str | None = None,
 ):
     """(model, QuantizationReport or None) from a 2.1 checkpoint's `transformer/` folder, lazily and strictly;
     `adjust(weights)` may change the checkpoint-named weights before they load (a LoRA merged before quantizing)."""
@@ -517,7 +522,7 @@ def load_transformer21(
     if raw.get("quantization"):
         raise ValueError(f"{folder} holds a quantized transformer: qwen_nb saves quantized 2.1 checkpoints nowhere")
     model = QwenImage21Transformer(Transformer21Config.from_dict(raw), attention)
-    weights = read_weights(folder, dtype)
+    weights = read_weights(folder, dtype, variant=variant)
     if adjust is not None:
         weights = adjust(weights)
     load_strict(model, weights, "Qwen-Image 2.1 transformer")

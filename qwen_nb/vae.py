@@ -457,12 +457,14 @@ class AutoencoderKLQwenImage(nn.Module):
         return out
 
 
-def load_vae(folder, dtype: mx.Dtype = mx.float32, subpixel: bool = True) -> AutoencoderKLQwenImage:
+def load_vae(
+    folder, dtype: mx.Dtype = mx.float32, subpixel: bool = True, variant: str | None = None
+) -> AutoencoderKLQwenImage:
     """The VAE of a checkpoint's `vae/` folder (config.json + safetensors in diffusers' layout), lazily loaded."""
     folder = Path(folder)
     model = AutoencoderKLQwenImage(VAEConfig.from_folder(folder), subpixel)
     model.set_dtype(dtype)
-    load_strict(model, model.sanitize(read_weights(folder, dtype)), f"VAE ({folder})")
+    load_strict(model, model.sanitize(read_weights(folder, dtype, variant=variant)), f"VAE ({folder})")
     return model
 
 

@@ -304,12 +304,14 @@ class AutoencoderKLQwenImage21(nn.Module):
     sanitize = staticmethod(AutoencoderKLQwenImage.sanitize)
 
 
-def load_vae21(folder, dtype: mx.Dtype = mx.float32, subpixel: bool = True) -> AutoencoderKLQwenImage21:
+def load_vae21(
+    folder, dtype: mx.Dtype = mx.float32, subpixel: bool = True, variant: str | None = None
+) -> AutoencoderKLQwenImage21:
     """The VAE of a 2.1 checkpoint's `vae/` folder, lazily and strictly loaded."""
     folder = Path(folder)
     model = AutoencoderKLQwenImage21(VAE21Config.from_folder(folder), subpixel)
     model.set_dtype(dtype)
-    load_strict(model, model.sanitize(read_weights(folder, dtype)), f"Qwen-Image 2.1 VAE ({folder})")
+    load_strict(model, model.sanitize(read_weights(folder, dtype, variant=variant)), f"Qwen-Image 2.1 VAE ({folder})")
     return model
 
 

@@ -562,12 +562,14 @@ def is_vision_tower(name: str) -> bool:
     return name.startswith(("visual.", "model.visual."))
 
 
-def load_vision_tower(folder, dtype: mx.Dtype = mx.bfloat16, attention: str = "padded") -> Qwen25VisionTransformer:
+def load_vision_tower(
+    folder, dtype: mx.Dtype = mx.bfloat16, attention: str = "padded", variant: str | None = None
+) -> Qwen25VisionTransformer:
     """The vision tower of a checkpoint's `text_encoder/` folder, in `dtype`, loaded lazily and strictly (only the
     shards holding vision tensors are opened)."""
     folder = Path(folder)
     model = Qwen25VisionTransformer(VisionConfig.from_folder(folder), attention)
-    weights = Qwen25VisionTransformer.sanitize(read_weights(folder, dtype, keep=is_vision_tower))
+    weights = Qwen25VisionTransformer.sanitize(read_weights(folder, dtype, keep=is_vision_tower, variant=variant))
     if not weights:
         raise ValueError(
             f"{folder} holds no vision-tower weights (visual.*): the edit pipelines need the whole Qwen2.5-VL text "

@@ -126,9 +126,9 @@ def test_in_channels_not_a_multiple_of_the_patch_is_refused_only_for_latent_chan
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def generate(folder: Path):
+def generate(folder: Path, **options):
     g = F_META["generation"]
-    pipe = QwenImagePipeline.from_pretrained(folder, dtype=mx.float32, verbose=False)
+    pipe = QwenImagePipeline.from_pretrained(folder, dtype=mx.float32, verbose=False, **options)
     last = []
     image = pipe.generate(
         g["prompt"],
@@ -146,8 +146,9 @@ def generate(folder: Path):
 
 @pytest.mark.parametrize("name", list(F_META["cases"]))
 def test_folders_as_save_pretrained_writes_them(tmp_path, name):
-    folder = build_folder(F_META["cases"][name]["kind"], tmp_path / name)
-    image, latents = generate(folder)
+    case = F_META["cases"][name]
+    folder = build_folder(case["kind"], tmp_path / name)
+    image, latents = generate(folder, **case["qwen_nb_kwargs"])  # variant="fp16" where diffusers needed it
     np.testing.assert_allclose(latents, np.array(F_GOLDENS[f"{name}.latents"]), rtol=1e-4, atol=1e-4)
     diff = np.abs(image.astype(int) - np.array(F_GOLDENS[f"{name}.image"]).astype(int)).max()
     assert diff <= 2, f"{name}: {diff}/255 from diffusers"
@@ -278,3 +279,24 @@ def test_inputs_that_do_not_fit_are_named():
     # a scalar sigma is the (1,) one
     want = np.array(T_GOLDENS["patch1.out"])
     np.testing.assert_allclose(np.array(model(lat, txt, float(x["sigma"][0]), (5, 2))), want, rtol=1e-5, atol=3e-5)
+
+
+def test_edit_and_21_pipelines_take_variant():
+    """`variant=` reaches every loader of the edit and 2.1 pipelines (their transformer, text encoder with its vision
+    tower, VAE); a variant a folder lacks reads the plain files, as diffusers falls back to them."""
+    from qwen_nb.edit import QwenImageEditPipeline
+    from qwen_nb.pipeline21 import QwenImage21Pipeline
+
+    fixtures = Path(__file__).parent / "fixtures"
+    for cls, folder in (
+        (QwenImageEditPipeline, fixtures / "tiny_edit" / "checkpoint"),
+        (QwenImage21Pipeline, fixtures / "tiny_qwen21" / "pipeline"),
+    ):
+        pipe = cls.from_pretrained(folder, dtype=mx.float32, verbose=False, variant="fp16")
+        assert pipe.options.variant == "fp16"
+        for name in ("transformer", "text_encoder", "vae"):
+            assert pipe.components[name] is not None
+    edit = QwenImageEditPipeline.from_pretrained(
+        fixtures / "tiny_edit" / "checkpoint", dtype=mx.float32, verbose=False, variant="x"
+    )
+    assert edit.vision_tower is not None
