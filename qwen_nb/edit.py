@@ -171,7 +171,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
             raise ValueError("fast= is not taken by the edit pipelines: call pipe.use_lightning(steps) after loading")
         verbose, variant = options.get("verbose", True), options.get("variant")
         folder = resolve(repo_id_or_folder, revision, cache_dir, verbose, vision=True, variant=variant)
-        kind, _, vision_config = edit_checkpoint(folder)
+        kind, _, vision_config = edit_checkpoint(folder, variant)
         pipe = super().from_pretrained(folder, dtype, quantize, **options)
         index = json.loads((folder / "model_index.json").read_text())
         pipe._edit_parts(
@@ -429,7 +429,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
     __call__ = generate
 
 
-def edit_checkpoint(folder: Path) -> tuple[str, int, VisionConfig]:
+def edit_checkpoint(folder: Path, variant: str | None = None) -> tuple[str, int, VisionConfig]:
     """(kind, the most pictures it takes, the vision tower's config) of an edit checkpoint; a ValueError naming
     the problem for a text-to-image checkpoint or a text encoder without its vision tower."""
     name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
@@ -444,7 +444,7 @@ def edit_checkpoint(folder: Path) -> tuple[str, int, VisionConfig]:
         config = VisionConfig.from_folder(folder / "text_encoder")
     except ValueError as e:
         raise ValueError(f"{folder / 'text_encoder'}: {e}; the edit pipelines need the vision tower") from None
-    if not tensor_shapes(folder / "text_encoder", is_vision_tower):
+    if not tensor_shapes(folder / "text_encoder", is_vision_tower, variant):
         raise ValueError(
             f"{folder / 'text_encoder'} holds no vision-tower weights (visual.*): the edit pipelines read the "
             "pictures with them. Download the whole text_encoder/ folder of the edit checkpoint (all its shards)."

@@ -197,8 +197,8 @@ def weight_layout(names, where="", variant: str | None = None) -> tuple[str | No
         if len(variants) > 1:
             raise CheckpointError(
                 f"{where or 'the folder'} holds weights in the variants {', '.join(variants)} and none without a "
-                "variant: it is not clear which to read. Keep one variant's files (e.g. "
-                f"diffusion_pytorch_model.{variants[0]}.safetensors) and remove or move the others."
+                f'variant: it is not clear which to read. Say which: from_pretrained(..., variant="{variants[0]}") '
+                "(as diffusers' variant=)."
             )
         variant = variants[0]
     singles, indexes = [], []

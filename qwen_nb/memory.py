@@ -27,10 +27,11 @@ class MemoryPlanError(RuntimeError):
     """The pipeline will not fit in this machine's memory; the message says what would."""
 
 
-def tensor_shapes(folder: Path, keep=None) -> dict[str, tuple[str, tuple]]:
-    """{name: (safetensors dtype, shape)} of a component folder, from the file headers."""
+def tensor_shapes(folder: Path, keep=None, variant: str | None = None) -> dict[str, tuple[str, tuple]]:
+    """{name: (safetensors dtype, shape)} of a component folder, from the file headers (`variant`: see
+    `loading.weight_layout`)."""
     shapes = {}
-    for f in weight_files(folder, keep):
+    for f in weight_files(folder, keep, variant):
         for name, spec in read_header(f).items():
             if name != "__metadata__" and (keep is None or keep(name)):
                 shapes[name] = (spec["dtype"], tuple(spec["shape"]))
@@ -198,27 +199,29 @@ def plan_memory(
     schedule_modulation: bool = True,
     vision: bool = False,
     tensor_ranks: int = 1,
+    variant: str | None = None,
 ) -> MemoryPlan:
     """The plan for loading the pipeline in `folder`; `keep_text_encoder=None` picks resident when it fits. With
     `schedule_modulation` (the pipeline's default) the transformer is held without the weights that depend on sigma
     alone: they are read a block at a time for each new schedule and never resident. `vision`: an edit pipeline,
     which holds the text encoder's vision tower too and denoises beside a condition picture of the plan's size.
     `tensor_ranks` N > 1 (parallel="tensor"): the figures are one rank's, holding 1/N of the split weights of the
-    transformer and the text encoder (each quantized per rank) and the rest whole."""
+    transformer and the text encoder (each quantized per rank) and the rest whole. `variant`: the weight files read
+    (see `loading.weight_layout`)."""
     folder = Path(folder)
     tr_config = read_config(folder / "transformer")
     prequantized = tr_config.get("quantization")
     bits = None if prequantized else quantize
     held = (lambda name: not is_timestep_weight(name)) if schedule_modulation else None
-    text = tensor_shapes(folder / "text_encoder", keep_rules(vision)["text_encoder"])
-    transformer = tensor_shapes(folder / "transformer", held)
+    text = tensor_shapes(folder / "text_encoder", keep_rules(vision)["text_encoder"], variant)
+    transformer = tensor_shapes(folder / "transformer", held, variant)
     if tensor_ranks > 1:
         text = rank_shapes(text, text_shard_axis, tensor_ranks)
         transformer = rank_shapes(transformer, shard_axis, tensor_ranks)
     components = {
         "text_encoder": component_bytes(text, dtype),
         "transformer": component_bytes(transformer, dtype, bits, group_size),
-        "vae": component_bytes(tensor_shapes(folder / "vae"), dtype),
+        "vae": component_bytes(tensor_shapes(folder / "vae", variant=variant), dtype),
     }
     source = "given"
     if budget is None:

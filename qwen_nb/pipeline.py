@@ -426,7 +426,9 @@ class QwenImagePipeline(LoraMethods):
         if tensor:  # before anything is read: the rank count must divide every split
             parallel.check_split(config, TextEncoderConfig.from_folder(folder / "text_encoder"))
         # tensor mode: the plan counts one rank's part of the split models
-        kinds = dict(schedule_modulation=split, vision=vision, tensor_ranks=parallel.size if tensor else 1)
+        kinds = dict(
+            schedule_modulation=split, vision=vision, tensor_ranks=parallel.size if tensor else 1, variant=opts.variant
+        )
         plan = plan_memory(folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, **kinds)
         if parallel is not None:
             shared = repr(replace(opts, verbose=True))  # rank 0 alone is verbose

@@ -163,10 +163,14 @@ def test_only_the_files_diffusers_reads_are_read(tmp_path):
 
 
 def test_two_variants_and_no_plain_weights_are_refused(tmp_path):
-    """diffusers without variant= refuses such a folder too; qwen_nb cannot be told a variant, so it names them."""
+    """diffusers without variant= refuses such a folder too: the error names the variants and the keyword, which
+    then reads the one asked for."""
     folder = build_folder("two_variants", tmp_path / "two")
-    with pytest.raises(CheckpointError, match="variants fp16, half"):
+    with pytest.raises(CheckpointError, match=r'variants fp16, half .*variant="fp16"'):
         QwenImagePipeline.from_pretrained(folder, dtype=mx.float32, verbose=False)
+    pipe = QwenImagePipeline.from_pretrained(folder, dtype=mx.float32, verbose=False, variant="half")
+    assert all(".half" in f.name for f in weight_files(folder / "transformer", variant="half"))
+    assert pipe.transformer is not None
 
 
 def test_layout_rules():
