@@ -367,25 +367,20 @@ def parse_lora(tensors: dict, metadata: dict | None = None, source: str = "<memo
             "(`transformer.<module>.lora_B.bias`, `.lora_magnitude_vector.weight`, the peft config in the metadata)."
             " Save the LoRA in that layout."
         )
-    dora = bool(extras["magnitude"])
-    if config is not None and "use_dora" in config and not config["use_dora"] and dora:
-        warnings.warn(
-            f"{source}: its peft config says use_dora=false, so its DoRA magnitudes are ignored (as peft does)",
-            stacklevel=3,
-        )
-        dora = False
-    if config and config.get("use_dora") and not dora:
+    if config and config.get("use_dora") and not extras["magnitude"]:
         raise ValueError(
             f"{source} is a DoRA (its peft config says use_dora=true) without its magnitudes "
             "(`<module>.lora_magnitude_vector.weight`): the file is incomplete; export it again."
         )
-    biased = bool(extras["bias"])
-    if config is not None and "lora_bias" in config and not config["lora_bias"] and biased:
-        warnings.warn(
-            f"{source}: its peft config says lora_bias=false, so its lora_B biases are ignored (as peft does)",
-            stacklevel=3,
-        )
-        biased = False
+    used = {}  # the extras applied: those in the file, unless its peft config turns them off (peft ignores them)
+    for kind, flag, what in (("magnitude", "use_dora", "DoRA magnitudes"), ("bias", "lora_bias", "lora_B biases")):
+        used[kind] = bool(extras[kind])
+        if used[kind] and config is not None and flag in config and not config[flag]:
+            warnings.warn(
+                f"{source}: its peft config says {flag}=false, so its {what} are ignored (as peft does)", stacklevel=3
+            )
+            used[kind] = False
+    dora, biased = used["magnitude"], used["bias"]
 
     modules, problems = {}, []
     for module, p in sorted(parts.items()):
