@@ -244,3 +244,21 @@ def test_a_state_dict_is_read_as_a_file_is():
     t = dict(mx.load(str(AUDIT / "alpha_folding_bf16.safetensors")))
     a, b = L.read_lora(t), L.read_lora(AUDIT / "alpha_folding_bf16.safetensors")
     assert a.targets == b.targets and all(mx.array_equal(a.delta(p), b.delta(p)) for p in a.targets)
+
+
+@pytest.mark.parametrize("name, flag, kind", [("dora", "use_dora", "magnitude"), ("lora_bias", "lora_bias", "bias")])
+def test_extras_the_peft_config_turns_off_are_ignored(name, flag, kind):
+    """peft applies a DoRA's magnitudes or B's biases only when its config says use_dora / lora_bias: with the flag
+    false they are left out (a warning says so) and the rest reads as the same file without them."""
+    t = dict(mx.load(str(AUDIT / f"{name}.safetensors")))
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8,
+                                                 f"transformer.{flag}": False})}  # fmt: skip
+    with pytest.warns(UserWarning, match=f"{flag}=false, so its .* are ignored"):
+        off = L.parse_lora(t, meta)
+    plain = L.parse_lora(
+        {k: v for k, v in t.items() if not k.endswith(("magnitude_vector.weight", "lora_B.bias"))}, meta
+    )
+    assert off.targets == plain.targets
+    for path, w in off.modules.items():
+        assert getattr(w, kind) is None
+        np.testing.assert_array_equal(np.array(off.delta(path)), np.array(plain.delta(path)))
