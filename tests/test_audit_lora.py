@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from test_lora import generate, load_pipeline  # the tiny pipeline and the square_cfg case of tests/fixtures/lora
 
 from qwen_nb import lora as L
 from qwen_nb.loading import load_strict, read_weights
@@ -32,34 +33,9 @@ Q21_FIXTURE = FIXTURES / "tiny_qwen21"
 WARNS = {"other_keys", "kohya_te", "q21_kohya"}  # files with keys diffusers ignores (and qwen_nb warns about)
 
 
-def load_pipeline(schedule_modulation: bool = True, **switches) -> QwenImagePipeline:
-    return QwenImagePipeline.from_pretrained(
-        PIPELINE,
-        dtype=mx.float32,
-        verbose=False,
-        schedule_modulation=schedule_modulation,
-        switches=Switches().only(**switches),
-    )
-
-
-def generate(pipe) -> tuple[np.ndarray, np.ndarray]:
-    steps = []
-    image = pipe.generate(
-        META["prompt"],
-        META["negative_prompt"],
-        META["height"],
-        META["width"],
-        META["steps"],
-        META["cfg_scale"],
-        latents=BASE[f"{META['base_case']}.noise"],
-        progress=False,
-        callback=lambda i, x: steps.append(np.array(x[0])),
-    )
-    return steps[-1], np.asarray(image)
-
-
-def assert_matches(latents, image, name):
-    np.testing.assert_allclose(latents, np.array(GOLDENS[f"{name}.latents"]), rtol=1e-5, atol=1e-5)
+def assert_matches(steps, image, name):
+    """`generate`'s every step's latents and image against diffusers' last latents and image."""
+    np.testing.assert_allclose(steps[-1], np.array(GOLDENS[f"{name}.latents"]), rtol=1e-5, atol=1e-5)
     diff = int(np.abs(image.astype(int) - np.array(GOLDENS[f"{name}.image"]).astype(int)).max())
     assert diff <= 2, f"max pixel difference {diff}/255"
 
@@ -185,7 +161,7 @@ def test_qwen21_layouts_match_diffusers(case):
                           spec["cfg_scale"], latents=noise, use_kv_cache=spec["use_kv_cache"], sigmas=spec["sigmas"],
                           output_resolution=spec["output_resolution"], progress=False,
                           callback=lambda i, x: steps.append(np.array(x[0].astype(mx.float32))))  # fmt: skip
-    assert_matches(steps[-1], np.asarray(image), case)
+    assert_matches(steps, np.asarray(image), case)
 
 
 def test_kohya_names_are_mapped_as_diffusers_maps_them():
