@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_qwen21 import generate_case  # a fixture case generated from its noise
 
 from qwen_nb.pipeline21 import QwenImage21Pipeline
 from qwen_nb.qwen3_vl import Qwen3VLConfig, Qwen3VLTextConfig, load_qwen3_vl
@@ -46,24 +47,7 @@ def changed_folder(tmp_path_factory):
 
 
 def generate(pipe, c, **kw):
-    steps = []
-    pictures = [PICTURES / f"{n}.png" for n in c["pictures"]] or None
-    image = pipe.generate(
-        c["prompt"],
-        c["negative_prompt"],
-        c["height"],
-        c["width"],
-        None,
-        c["cfg_scale"],
-        latents=G[f"{c['name']}.noise"],
-        image=pictures,
-        use_kv_cache=c["use_kv_cache"],
-        output_resolution=c["output_resolution"],
-        progress=False,
-        callback=lambda i, x: steps.append(np.array(x[0].astype(mx.float32))),
-        **kw,
-    )
-    return image, np.stack(steps)
+    return generate_case(pipe, c, G[f"{c['name']}.noise"], **kw)
 
 
 def check_against_golden(image, steps, name):

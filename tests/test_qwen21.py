@@ -86,7 +86,12 @@ def resized_pictures(names=("square", "rgba"), resolution=96):
 
 def run_case(pipe, name, golden=None, **kw):
     """(image, every step's packed latents) of a golden case, with its saved noise."""
-    c = CASES[name]
+    return generate_case(pipe, CASES[name], G[f"{golden or name}.noise"], **kw)
+
+
+def generate_case(pipe, c: dict, noise, **kw):
+    """(image, every step's packed latents) of a case as the fixture scripts record them (its prompt, sizes, CFG,
+    cache, pictures, sigmas and resolution) from `noise`."""
     steps = []
     pictures = [PICTURES / f"{n}.png" for n in c["pictures"]] or None
     image = pipe.generate(
@@ -96,10 +101,10 @@ def run_case(pipe, name, golden=None, **kw):
         c["width"],
         None,
         c["cfg_scale"],
-        latents=G[f"{golden or name}.noise"],
+        latents=noise,
         image=pictures,
         use_kv_cache=c["use_kv_cache"],
-        sigmas=c["sigmas"],
+        sigmas=c.get("sigmas"),
         output_resolution=c["output_resolution"],
         progress=False,
         callback=lambda i, x: steps.append(np.array(x[0].astype(mx.float32))),
