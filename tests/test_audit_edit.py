@@ -8,6 +8,7 @@ picture twice without CFG)."""
 import hashlib
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from qwen_nb.vision import (
     load_vision_tower,
     process_images,
 )
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+from make_audit_edit_fixtures import pattern  # noqa: E402  (the pictures the goldens were made of)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "audit_edit"
 META = json.loads((FIXTURE / "goldens.json").read_text())
@@ -111,16 +115,6 @@ TINY_EDIT = Path(__file__).parent / "fixtures" / "tiny_edit" / "checkpoint"
 PIPELINE = {c["name"]: c for c in json.loads((FIXTURE / "pipeline.json").read_text())["cases"]}
 PIPELINE_GOLDENS = mx.load(str(FIXTURE / "pipeline.safetensors"))
 CLASS_NAMES = {"edit": "QwenImageEditPipeline", "plus": "QwenImageEditPlusPipeline"}
-
-
-def pattern(width: int, height: int) -> Image.Image:
-    """make_audit_edit_fixtures.pattern: integer arithmetic only."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.int64)
-    r = x * 255 // max(width - 1, 1)
-    g = y * 255 // max(height - 1, 1)
-    disc = 4 * ((2 * x - width) ** 2 + (2 * y - height) ** 2) < min(width, height) ** 2
-    b = np.where(disc, 220, 40) + 30 * ((x // 3 + y // 5) % 2)
-    return Image.fromarray(np.stack([r, g, b], axis=-1).astype(np.uint8), "RGB")
 
 
 @pytest.fixture(scope="module")
