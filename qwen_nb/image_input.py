@@ -21,7 +21,8 @@ What is taken, and how (diffusers' VaeImageProcessor takes PIL images and arrays
 - a mask as a numpy array (H, W), (H, W, 1) or (1, H, W, 1), of any number type or bool: as diffusers takes it:
   resized by nearest neighbour and binarized on its raw values (>= 0.5 repainted: a 0/1 and a 0/255 uint8 mask
   both work); a uint8 (H, W, 3) or (H, W, 4) mask is the PIL picture of it.
-The mask may have another size than the picture: both are resized to height x width, as in diffusers.
+The mask must have the picture's size (diffusers would resize each to height x width on its own, so a mask of
+another size would not mark the pixels it was drawn on: `load_pair` refuses it).
 """
 
 from dataclasses import dataclass
