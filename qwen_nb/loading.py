@@ -224,12 +224,16 @@ def shard_index(folder: Path, variant: str | None = None) -> dict[str, str]:
     layout = _layout(folder, variant) if folder.is_dir() else None
     weight_map = {}
     for name in layout[2] if layout else ():
-        index = folder / name
-        try:
-            weight_map.update(json.loads(index.read_text())["weight_map"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid shard index ({e}). {_fix(index)}") from e
+        weight_map.update(_weight_map(folder / name))
     return weight_map
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """{tensor name: shard file name} of one shard index file (safetensors' or PyTorch pickles')."""
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index ({e}). {_fix(index)}") from e
 
 
 def _tensor_names(path: Path) -> set[str]:
@@ -304,11 +308,7 @@ def _pickle_weight_files(folder: Path, keep=None) -> list[Path]:
     for stem in ("diffusion_pytorch_model", "pytorch_model"):
         index = folder / f"{stem}.bin.index.json"
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid shard index ({e}). {_fix(index)}") from e
-            return sorted({folder / f for k, f in weight_map.items() if keep is None or keep(k)})
+            return sorted({folder / f for k, f in _weight_map(index).items() if keep is None or keep(k)})
         if (folder / f"{stem}.bin").exists():
             return [folder / f"{stem}.bin"]
     return []
