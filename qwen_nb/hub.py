@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .loading import CheckpointError, shard_index, weight_files, weight_layout
+from .loading import CheckpointError, read_weight_map, shard_index, weight_files, weight_layout
 from .text_encoder import is_language_model
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -180,7 +180,7 @@ def plan_download(
         layout = weight_layout(names, f"{repo_id}/{c}", variant)
         index = {}
         for name in layout[2] if layout else ():
-            index.update(json.loads((small_folder / c / name).read_text())["weight_map"])
+            index.update(read_weight_map(small_folder / c / name))
         if index:
             keep = rules.get(c, lambda name: True)
             needed = sorted({f"{c}/{shard}" for name, shard in index.items() if keep(name)})

@@ -224,11 +224,11 @@ def shard_index(folder: Path, variant: str | None = None) -> dict[str, str]:
     layout = _layout(folder, variant) if folder.is_dir() else None
     weight_map = {}
     for name in layout[2] if layout else ():
-        weight_map.update(_weight_map(folder / name))
+        weight_map.update(read_weight_map(folder / name))
     return weight_map
 
 
-def _weight_map(index: Path) -> dict[str, str]:
+def read_weight_map(index: Path) -> dict[str, str]:
     """{tensor name: shard file name} of one shard index file (safetensors' or PyTorch pickles')."""
     try:
         return json.loads(index.read_text())["weight_map"]
@@ -308,7 +308,7 @@ def _pickle_weight_files(folder: Path, keep=None) -> list[Path]:
     for stem in ("diffusion_pytorch_model", "pytorch_model"):
         index = folder / f"{stem}.bin.index.json"
         if index.exists():
-            return sorted({folder / f for k, f in _weight_map(index).items() if keep is None or keep(k)})
+            return sorted({folder / f for k, f in read_weight_map(index).items() if keep is None or keep(k)})
         if (folder / f"{stem}.bin").exists():
             return [folder / f"{stem}.bin"]
     return []
