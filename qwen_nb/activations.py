@@ -2,20 +2,12 @@
 encoders and vision towers (Qwen2.5-VL's and Qwen3-VL's language models use silu, Qwen2.5-VL's vision tower silu,
 Qwen3-VL's the tanh GELU); a checkpoint that names another gets the same function transformers would run."""
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
-
-def gelu(x: mx.array) -> mx.array:
-    """The exact GELU, x Phi(x)."""
-    return x * 0.5 * (1.0 + mx.erf(x / math.sqrt(2.0)))
-
-
-def gelu_tanh(x: mx.array) -> mx.array:
-    """The tanh approximation of GELU (transformers' gelu_pytorch_tanh / gelu_new)."""
-    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+# MLX's own (each compiled to one kernel): the exact GELU, x Phi(x), and its tanh approximation (transformers'
+# gelu_pytorch_tanh / gelu_new), the same formulas as transformers'
+gelu, gelu_tanh = nn.gelu, nn.gelu_approx
 
 
 ACTIVATIONS = {
