@@ -140,11 +140,14 @@ def rotate_half(x: mx.array) -> mx.array:
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str = "silu"):
+    """The gated MLP, down(act(gate(x)) * up(x)), `act` by transformers' name (silu: SwiGLU); without biases in the
+    language model, with them in the Qwen2.5-VL vision tower's blocks."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = ACTIVATIONS[act]
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -19,10 +19,10 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .activations import ACTIVATIONS, check_activation
+from .activations import check_activation
 from .loading import Config, load_strict, read_config, read_weights
 from .rmsnorm import RMSNorm
-from .text_encoder import QwenTextEncoder, rotate_half
+from .text_encoder import MLP, QwenTextEncoder, rotate_half
 from .tokenizer import QwenTokenizer
 
 IMAGE_PAD = "<|image_pad|>"
@@ -450,28 +450,14 @@ class VisionAttention(nn.Module):
         return self.proj(segments.attend(q, k, v, self.scale).reshape(N, D))
 
 
-class VisionMLP(nn.Module):
-    """The gated MLP with biases (the language model's has none): act(gate) * up, `act` the config's hidden_act
-    (silu in Qwen2.5-VL: SwiGLU)."""
-
-    def __init__(self, dim: int, hidden: int, act: str = "silu"):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden)
-        self.up_proj = nn.Linear(dim, hidden)
-        self.down_proj = nn.Linear(hidden, dim)
-        self.act = ACTIVATIONS[act]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 class VisionBlock(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.norm1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.norm2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = VisionAttention(config)
-        self.mlp = VisionMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        # the language model's gated MLP, with biases: act(gate) * up, silu in Qwen2.5-VL (SwiGLU)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=True)
 
     def __call__(self, x: mx.array, rope, segments: Segments) -> mx.array:
         x = x + self.attn(self.norm1(x), rope, segments)
