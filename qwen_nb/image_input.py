@@ -55,7 +55,8 @@ def _open_path(source, what: str):
         ) from None
 
 
-def _check_pixels(size: tuple, what: str) -> None:
+def check_pixels(size: tuple, what: str) -> None:
+    """Refuse a (width, height) picture without a pixel, naming it as `what`."""
     width, height = size
     if width < 1 or height < 1:
         raise ValueError(f"{what} is {width}x{height} pixels (width x height): it needs at least one pixel")
@@ -79,7 +80,7 @@ def load_picture(source, what: str = "image"):
                 f"{what}: a numpy array must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4); got {source.dtype} "
                 f"{source.shape}. Floats in [0, 1]: (a * 255).round().astype(np.uint8)"
             )
-        _check_pixels((a.shape[1], a.shape[0]), what)
+        check_pixels((a.shape[1], a.shape[0]), what)
         return Image.fromarray(a)
     raise ValueError(f"{what} must be {PICTURE_TYPES}; got {type(source).__name__}")
 
@@ -97,7 +98,7 @@ def _float_picture(a: np.ndarray, what: str) -> np.ndarray:
             f"{what}: a float array must have shape (H, W, 3) (channels last, values in [0, 1]), (H, W) or (H, W, 4); "
             f"got {a.shape}"
         )
-    _check_pixels((a.shape[1], a.shape[0]), what)
+    check_pixels((a.shape[1], a.shape[0]), what)
     if not np.isfinite(a).all():
         raise ValueError(f"{what}: the array holds NaN or infinite values")
     if a.shape[-1] == 1:
@@ -117,7 +118,7 @@ def read_image(source, what: str = "image"):
             f"{what}: a numpy array must be uint8 (0..255) or float (0..1); got {source.dtype} {source.shape}"
         )
     picture = load_picture(source, what)
-    _check_pixels(picture.size, what)
+    check_pixels(picture.size, what)
     return picture
 
 
@@ -139,7 +140,7 @@ def read_mask(source, what: str = "mask_image"):
                 f"{what}: a numpy mask must be (H, W) of numbers or bools (>= 0.5 repainted, below kept), or a uint8 "
                 f"picture (H, W, 3); got {source.dtype} {source.shape}"
             )
-        _check_pixels((a.shape[1], a.shape[0]), what)
+        check_pixels((a.shape[1], a.shape[0]), what)
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             raise ValueError(f"{what}: the mask holds NaN or infinite values")
         return a

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .components import ComponentStore, as_builder
+from .image_input import check_pixels
 from .loading import CheckpointError, read_config, weight_files
 from .lora import LoraMethods, LoraStack
 from .memory import MemoryLimit, MemoryPlan, activation_bytes, plan_memory
@@ -376,8 +377,7 @@ class QwenImage21Pipeline(LoraMethods):
             raise ValueError("image is an empty list: give a picture, a list of pictures, or None")
         out = []
         for p in pictures:
-            if p.size[0] < 1 or p.size[1] < 1:
-                raise ValueError(f"a condition picture is {p.size[0]}x{p.size[1]} pixels: it needs at least one")
+            check_pixels(p.size, "a condition picture")
             p = p if p.mode == "RGBA" else p.convert("RGBA")
             w, h = calculate_dimensions(resolution * resolution, p.size[0] / p.size[1])
             if w <= 0 or h <= 0:

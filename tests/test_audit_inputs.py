@@ -142,3 +142,13 @@ def test_errors_name_the_problem(tmp_path):
         image_input.prepare(np.zeros((4, 4, 3), np.uint16), None, 32, 32)
     with pytest.raises(ValueError, match="a float array must have shape"):
         image_input.prepare(np.zeros((3, 4, 5), np.float32), None, 32, 32)
+
+
+def test_a_zero_size_condition_picture_is_refused_by_21():
+    from qwen_nb.pipeline21 import QwenImage21Pipeline
+
+    pipe = QwenImage21Pipeline.from_pretrained(FIXTURES / "tiny_qwen21" / "pipeline", dtype=mx.float32, verbose=False)
+    with pytest.raises(
+        ValueError, match=r"a condition picture is 0x5 pixels \(width x height\): it needs at least one"
+    ):
+        pipe.generate("a fox", image=Image.new("RGB", (0, 5)), progress=False)
