@@ -49,6 +49,11 @@ combinations the 16 test captions do not use), so that the test captions measure
   validation 14-16/20 and 15-18/20 over 1600 steps (19 minutes); the pick (step 600, 16/20 and 18/20) reads 11/16 and
   10/16 on the test captions, and 1 of 13 training-caption squares with CFG 4 (fills 0.75-0.90): not accepted, and the
   renderer was left as it was.
+- run 9, a probe, not a candidate: `--shape-weights circle=0,triangle=0,diamond=0` (squares only), run 3's settings,
+  600 steps: the model then draws everything as a square with cfg 1 (training-caption squares 8/13, fills
+  0.84-0.97; test squares 6/6) but with CFG 4 still pinches their sides (3/13, fills 0.72-0.94), though its
+  conditional and unconditional predictions now both mean a square. At this size, guidance of 4 itself bends the
+  square's sides; more square training does not undo it.
 Two tries at the VAE's decoder alone (its encoder frozen, so the latent space and the transformer stay as they are),
 from assets/demo: the demo VAE's own round trip draws squares filling 0.88-0.93 of their box at the low end, astride
 the checker's square/circle line (0.89), and the model's square latents are nearer the encoded square than the
