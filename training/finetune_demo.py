@@ -100,7 +100,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_demo as td  # noqa: E402
 
 from qwen_nb import demo_data  # noqa: E402
-from qwen_nb.scheduler import cfg_combine, pack_latents  # noqa: E402
+from qwen_nb.scheduler import pack_latents  # noqa: E402
 from qwen_nb.text_encoder import encode_prompt, load_text_encoder  # noqa: E402
 from qwen_nb.tokenizer import QwenTokenizer  # noqa: E402
 from qwen_nb.transformer import QwenImageTransformer, TransformerConfig  # noqa: E402
@@ -251,18 +251,11 @@ def main(argv=None):
     caption_embeds, caption_len = td.encode_captions(tokenizer, encoder, [s.caption for s in scenes])
     un, _ = encode_prompt(tokenizer, encoder, " ")
     batch = td.flow_batches(args, pool, pool_caption, caption_embeds, caption_len, np.array(un[0]))
-    un_txt = mx.zeros((args.batch, caption_embeds.shape[1], caption_embeds.shape[2]))
-    un_txt[:, : un.shape[1]] = un[0]
-    un_mask = (mx.arange(caption_embeds.shape[1])[None] < un.shape[1]).astype(mx.int32)
-    un_mask = mx.broadcast_to(un_mask, (args.batch, caption_embeds.shape[1]))
-
-    def guided(model, x0, txt, mask, sigma, noise):
-        """Flow matching's loss plus `--guided-weight` times the same error of the CFG 4 velocity the sampler uses."""
-        s = sigma[:, None, None]
-        xt, target = (1 - s) * x0 + s * noise, noise - x0
-        v = model(xt, txt, sigma, td.GRID, mask)
-        v_guided = cfg_combine(v, model(xt, un_txt, sigma, td.GRID, un_mask), td.EVAL_CFG)
-        return mx.mean((v - target) ** 2) + args.guided_weight * mx.mean((v_guided - target) ** 2)
+    guide = None
+    if args.guided_weight:  # the CFG 4 velocity fitted too (td.flow_loss's guide), against the padded empty prompt
+        un_txt, un_mask = td.padded_prompt(np.array(un[0]), caption_embeds.shape[1])
+        batched = [mx.array(np.broadcast_to(a, (args.batch, *a.shape))) for a in (un_txt, un_mask)]
+        guide = (*batched, td.EVAL_CFG, args.guided_weight)
 
     opt = optim.AdamW(td.schedule(args.lr, args.steps, 100), weight_decay=0.01)
     opt.init(model.trainable_parameters())
@@ -271,8 +264,7 @@ def main(argv=None):
     state = [model.state, opt.state]
 
     def _step(*batch_arrays):
-        loss_fn = td.flow_loss if args.guided_weight == 0 else guided
-        loss, grads = nn.value_and_grad(model, loss_fn)(model, *batch_arrays)
+        loss, grads = nn.value_and_grad(model, lambda m, *b: td.flow_loss(m, *b, guide=guide))(model, *batch_arrays)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         return loss

@@ -507,13 +507,29 @@ def _scheduler_fields() -> dict:
     return {k: v for k, v in SCHEDULER.items() if k in keep}
 
 
-def flow_loss(model, x0, txt, mask, sigma, noise, weight=None):
-    """Flow matching's mean squared error; `weight` (B, tokens), when given, weighs each token's error."""
+def flow_loss(model, x0, txt, mask, sigma, noise, weight=None, guide=None):
+    """Flow matching's mean squared error; `weight` (B, tokens), when given, weighs each token's error. `guide`,
+    (empty-prompt txt, its mask, cfg scale, w), adds w times the same error of the guided velocity: the conditional
+    and empty-prompt predictions combined as the sampler combines them."""
     s = sigma[:, None, None]
-    xt = (1 - s) * x0 + s * noise
+    xt, target = (1 - s) * x0 + s * noise, noise - x0
+
+    def error(v):
+        err = mx.mean((v - target) ** 2, axis=-1)
+        return mx.mean(err) if weight is None else mx.sum(err * weight) / mx.sum(weight)
+
     v = model(xt, txt, sigma, GRID, mask)
-    err = mx.mean((v - (noise - x0)) ** 2, axis=-1)
-    return mx.mean(err) if weight is None else mx.sum(err * weight) / mx.sum(weight)
+    if guide is None:
+        return error(v)
+    un_txt, un_mask, cfg, w = guide
+    return error(v) + w * error(cfg_combine(v, model(xt, un_txt, sigma, GRID, un_mask), cfg))
+
+
+def padded_prompt(embeds: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """One prompt's embeddings (n, D) zero-padded to (length, D), and its attention mask (length,) int32."""
+    out = np.zeros((length, embeds.shape[-1]), np.float32)
+    out[: embeds.shape[0]] = embeds
+    return out, (np.arange(length) < embeds.shape[0]).astype(np.int32)
 
 
 def cell_token_weights(pool_caption: np.ndarray, weight: float) -> np.ndarray:
@@ -568,8 +584,7 @@ def flow_batches(args, pool, pool_caption, caption_embeds, caption_len, uncond):
     """`batch(i)` -> step i's (x0, txt, mask, sigma, noise) as NumPy arrays, drawn from the packed latent pool with
     `args.caption_dropout` of the captions replaced by the empty prompt's embedding; fixed by (args.seed, i)."""
     L = caption_embeds.shape[1]
-    un_e = np.zeros((L, caption_embeds.shape[2]), np.float32)
-    un_e[: uncond.shape[0]] = uncond
+    un_e, _ = padded_prompt(uncond, L)
     B = args.batch
 
     weights = getattr(args, "shape_weights", None)  # {shape: weight}: some shapes drawn more often than others
