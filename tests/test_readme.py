@@ -81,3 +81,40 @@ def test_readme_shape_diagnosis_is_the_committed_one():
     assert all(v["kept"] == v["n"] for k, v in shipped["vae_round_trip"].items() if k != "square")
     assert "chosen on 20 other held-out captions" in readme and "never on these 16" in readme
     assert f"right on {shipped['test_16_cfg4']['right']}/16 with CFG 4" in readme  # the picture's count, again
+
+
+def test_readme_h200_figures_of_2026_12_05_are_the_committed_ones():
+    """The README's Qwen-Image 2.1, edit and quantized-adapter figures measured on the H200 that day, against the
+    JSON reports they came from (assets/bench/*_h200.json)."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+
+    def report(name):
+        data = json.loads((ROOT / "assets" / "bench" / f"{name}.json").read_text())
+        assert "H200" in data["device"]
+        return data["results"]
+
+    q = report("qwen21_h200")
+    s, gb = (lambda k: f"{q[k]['median_s']:.2f} s"), (lambda k: f"{q[k]['peak_gb']:.1f} GB")  # noqa: E731
+    for k in ("qwen_nb t2i kv=on", "qwen_nb t2i kv=off", "qwen_nb condition kv=on", "qwen_nb condition kv=off"):
+        assert s(k) in readme, k
+    assert f"diffusers took {s('diffusers t2i kv=on')} with the cache and {s('diffusers t2i kv=off')} without" in readme
+    assert f"{s('diffusers condition kv=on')} and {s('diffusers condition kv=off')} with a condition picture" in readme
+    assert f"(sequenced: {s('qwen_nb t2i kv=on sequenced')})" in readme
+    assert f"peaks are {gb('qwen_nb t2i kv=on')} for text-to-image and {gb('qwen_nb condition kv=on')} with" in readme
+    assert f"{gb('qwen_nb t2i kv=on sequenced')} and {gb('qwen_nb condition kv=on sequenced')}" in readme
+    assert f"generation then {s('qwen_nb condition kv=on sequenced')})" in readme
+
+    e = report("edit_pipeline_h200")
+    one, two = e["qwen_nb one picture (sequenced)"], e["qwen_nb two pictures (sequenced)"]
+    d1, d2 = e["diffusers one picture"], e["diffusers two pictures"]
+    assert f"{one['median_s']:.2f} s from one picture and {two['median_s']:.2f} s from two" in readme
+    assert (
+        f"peak {one['peak_gb']:.1f}-{two['peak_gb']:.1f} GB; diffusers {d1['median_s']:.2f} s and {d2['median_s']:.2f} s"
+        in readme
+    )
+    assert f"({one['step_median_s']:.3f} s against {d1['step_median_s']:.3f} s with one picture)" in readme
+    assert one["median_s"] > 11 and two["median_s"] > 18 and one["peak_gb"] <= 40  # "not met; the memory one is"
+
+    for bits in (8, 4):
+        r = report(f"pipeline_fast8_lora64_qquantize{bits}loraadapters_h200")["qwen_nb"]
+        assert f"{r['median_s']:.2f} s at {bits} bits ({r['step_s']:.3f} s/step, peak {r['peak_gb']:.1f} GB)" in readme
