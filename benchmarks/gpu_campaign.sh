@@ -116,6 +116,17 @@ case "${1:-}" in
     done
     rm -rf "$out"/*_images "$out"/*.png
     ;;
+  quantized_merged)  # the same with the LoRA merged before quantizing (BITS=8 or 4, default both): building and
+    # quantizing the random 20B model with the LoRA merged twice a run took longer than 140 s
+    for b in ${BITS:-8 4}; do
+      timeout 285 "$py" benchmarks/bench_pipeline.py --fast 8 --lora-rank 64 --quantize $b --no-peer --timeout 280 \
+        --name pipeline_fast8_lora64_qquantize${b}_h200 2>&1 | tail -3
+    done
+    rm -rf "$out"/*_images "$out"/*.png
+    ;;
+  roofline)  # an edit step's floor: the block's matmuls and attention alone vs a whole block, three sequence lengths
+    timeout 300 "$py" benchmarks/bench_roofline.py 2>&1 | tee "$out/roofline.log" | tail -8
+    ;;
   qwen21)  # Qwen-Image 2.1 end to end (t2i and a condition picture, KV cache on/off) against diffusers
     timeout 560 "$py" benchmarks/bench_qwen21.py --peer-python "$py" --timeout 270 --name qwen21_h200 2>&1 \
       | tee "$out/qwen21.log" | tail -22
@@ -126,5 +137,5 @@ case "${1:-}" in
       2>&1 | tee "$out/edit_pipeline.log" | tail -16
     rm -rf "$out"/*_images
     ;;
-  *) echo "usage: gpu_campaign.sh transformer|pipeline|memory|vae|training|restructure|fast|fast_variants|quantized_lora|qwen21|edit_pipeline|training_wide" >&2; exit 2 ;;
+  *) echo "usage: gpu_campaign.sh transformer|pipeline|memory|vae|training|restructure|fast|fast_variants|quantized_lora|quantized_merged|roofline|qwen21|edit_pipeline|training_wide" >&2; exit 2 ;;
 esac

@@ -158,6 +158,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
     """Qwen-Image-Edit, -2509 and -2511: `from_pretrained(...)`, then `generate(prompt, image) -> PIL.Image`."""
 
     reads_pictures = True
+    sequenced_by_default = True
 
     @classmethod
     def from_pretrained(

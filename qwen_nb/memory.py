@@ -200,8 +200,10 @@ def plan_memory(
     vision: bool = False,
     tensor_ranks: int = 1,
     variant: str | None = None,
+    prefer_sequenced: bool = False,
 ) -> MemoryPlan:
-    """The plan for loading the pipeline in `folder`; `keep_text_encoder=None` picks resident when it fits. With
+    """The plan for loading the pipeline in `folder`; `keep_text_encoder=None` picks resident when it fits, or
+    sequenced wherever it fits with `prefer_sequenced` (the default of Qwen-Image 2.1 and the edit pipelines). With
     `schedule_modulation` (the pipeline's default) the transformer is held without the weights that depend on sigma
     alone: they are read a block at a time for each new schedule and never resident. `vision`: an edit pipeline,
     which holds the text encoder's vision tower too and denoises beside a condition picture of the plan's size.
@@ -241,7 +243,12 @@ def plan_memory(
     if tensor_ranks > 1:
         plan.notes.append(f"per rank: the transformer and text encoder split over {tensor_ranks} ranks (tensor)")
     if keep_text_encoder is None:
-        plan.keep_text_encoder = budget is None or plan.resident_peak <= plan.usable
+        plan.keep_text_encoder = not prefer_sequenced and (budget is None or plan.resident_peak <= plan.usable)
+        if prefer_sequenced:
+            plan.notes.append(
+                "sequenced by default: a new prompt reads the text encoder again (prompts seen before are cached); "
+                "keep_text_encoder=True keeps every model resident"
+            )
     return plan
 
 

@@ -340,6 +340,9 @@ class QwenImagePipeline(LoraMethods):
     """Qwen-Image text-to-image: `from_pretrained(...)`, then `generate(prompt) -> PIL.Image`."""
 
     reads_pictures = False  # the edit pipelines' (qwen_nb.edit): the text encoder's vision tower is read too
+    # keep_text_encoder=None: resident where it fits; the edit pipelines sequence wherever that fits (their peak by
+    # default: 30 GB instead of 91 GB on an H200, for 0.5 s of a 15.7 s edit: assets/bench/edit_pipeline_h200.json)
+    sequenced_by_default = False
 
     def __init__(
         self,
@@ -427,7 +430,11 @@ class QwenImagePipeline(LoraMethods):
             parallel.check_split(config, TextEncoderConfig.from_folder(folder / "text_encoder"))
         # tensor mode: the plan counts one rank's part of the split models
         kinds = dict(
-            schedule_modulation=split, vision=vision, tensor_ranks=parallel.size if tensor else 1, variant=opts.variant
+            schedule_modulation=split,
+            vision=vision,
+            tensor_ranks=parallel.size if tensor else 1,
+            variant=opts.variant,
+            prefer_sequenced=cls.sequenced_by_default,
         )
         plan = plan_memory(folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, **kinds)
         if parallel is not None:

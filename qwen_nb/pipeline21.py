@@ -242,7 +242,7 @@ class QwenImage21Pipeline(LoraMethods):
         folder = resolve21(repo_id_or_folder, revision, cache_dir, opts.verbose, opts.variant)
         index = read_config(folder, "model_index.json")
         h, w = plan_size or (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION)
-        kinds = dict(schedule_modulation=False, variant=opts.variant)
+        kinds = dict(schedule_modulation=False, variant=opts.variant, prefer_sequenced=True)
         plan = plan_memory(folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, **kinds)
         if opts.check_memory and not plan.fits:
             plan.check({b: plan_memory(folder, opts.dtype, b, None, h, w, budget=plan.budget, **kinds) for b in (8, 4)})
@@ -428,7 +428,7 @@ class QwenImage21Pipeline(LoraMethods):
             def with_vision(bits):
                 return plan_memory(
                     self.folder, self.dtype, bits, plan.keep_text_encoder or None, *plan.size, budget=plan.budget,
-                    schedule_modulation=False, vision=True, variant=self.options.variant,
+                    schedule_modulation=False, vision=True, variant=self.options.variant, prefer_sequenced=True,
                 )  # fmt: skip
 
             needed = with_vision(self.options.quantize)
