@@ -48,7 +48,8 @@ def main() -> None:
     txt = mx.random.normal((1, L, cfg.joint_attention_dim)).astype(dtype)
     table = model.modulations(mx.array([0.7]), dtype)  # the pipeline's precomputed modulation row
     sync(table.arrays())
-    for name, frames in cases.items():
+
+    def measure(name, frames):
         N = frames * side * side
         S = N + L
         x = mx.random.normal((N, D)).astype(dtype)
@@ -77,6 +78,8 @@ def main() -> None:
         sync(img)
         grids = [(side, side)] * frames
         variants["4 blocks (whole forward)"] = lambda: model(img, txt, None, grids, mods=table)
+        img2, txt2 = mx.concatenate([img, img]), mx.concatenate([txt, txt])
+        variants["4 blocks, a batch of 2 (batched CFG)"] = lambda: model(img2, txt2, None, grids, mods=table)
         timed = time_variants({k: (lambda f=f: sync(f())) for k, f in variants.items()}, repeats=a.repeats, warmup=2)
         per_block_linear_flops = 2 * (N + L) * (3 * D * D + D * D + 2 * D * mlp)
         attn_flops = 4 * heads * S * S * hd
@@ -96,8 +99,14 @@ def main() -> None:
             "forward_floor_s": round(layers * (lin_s + att_s), 4),
             "forward_measured_s (60 x block)": round(layers * block_s, 4),
             "cfg_step_floor_s": round(2 * layers * (lin_s + att_s), 4),
+            "batch_of_2_vs_two_forwards": round(
+                timed["4 blocks, a batch of 2 (batched CFG)"]["median_s"] / (2 * block_s * 4), 3
+            ),
         }
         print(name, summary[name])
+
+    for name, frames in cases.items():
+        measure(name, frames)
     print_table(results)
     config = dict(tiny=a.tiny, width=D, heads=heads, head_dim=hd, mlp=mlp, text_tokens=L, layers=layers,
                   dtype=str(dtype), device=device_name())  # fmt: skip
