@@ -63,7 +63,14 @@ def prompt_for(count: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ qwen_nb worker
-def build_qwen_nb(sizes: dict, keep_text_encoder: bool, dtype_name: str = "bfloat16"):
+MODES = {  # name: (keep_text_encoder, overlap_steps)
+    "sequenced": (False, True),  # the default
+    "resident": (True, True),
+    "sequenced without overlap": (False, False),  # each step evaluated before the next is built
+}
+
+
+def build_qwen_nb(sizes: dict, keep_text_encoder: bool, dtype_name: str = "bfloat16", overlap_steps: bool = True):
     import mlx.core as mx
 
     from qwen_nb.edit import QwenImageEditPipeline
@@ -98,16 +105,17 @@ def build_qwen_nb(sizes: dict, keep_text_encoder: bool, dtype_name: str = "bfloa
         vision_config=vision,
         dtype=dtype,
         keep_text_encoder=keep_text_encoder,
+        overlap_steps=overlap_steps,
         verbose=False,
     )
 
 
 def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
     results = {}
-    for keep in (False, True):
+    for mode in cfg["modes"]:
+        keep, overlap = MODES[mode]
         # a CPU computes bfloat16 slowly: the tiny smoke test runs qwen_nb in float32
-        pipe = build_qwen_nb(TINY if cfg["tiny"] else FULL, keep, "float32" if cfg["tiny"] else "bfloat16")
-        mode = "resident" if keep else "sequenced"
+        pipe = build_qwen_nb(TINY if cfg["tiny"] else FULL, keep, "float32" if cfg["tiny"] else "bfloat16", overlap)
         for label, count in VARIANTS.items():
             pics = pictures(count)
             common = dict(height=cfg["height"], width=cfg["width"], cfg_scale=cfg["cfg_scale"], progress=False)
@@ -203,6 +211,7 @@ def main():
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter with torch + diffusers")
     ap.add_argument("--no-peer", action="store_true", help="qwen_nb only")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--modes", default="sequenced,resident", help=f"qwen_nb's, comma-separated, of {list(MODES)}")
     ap.add_argument("--timeout", type=int, default=3000, help="seconds for each framework's subprocess")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -221,6 +230,7 @@ def main():
         steps=a.steps or (3 if a.tiny else 20),
         cfg_scale=a.cfg,
         negative_prompt=NEGATIVE,
+        modes=[m.strip() for m in a.modes.split(",") if m.strip() in MODES or ap.error(f"unknown mode {m!r}")],
         dtype="bfloat16",
         weights="random, "
         + ("tiny configs" if a.tiny else "full-size configs (20B transformer, 7B text encoder + vision tower)"),

@@ -34,7 +34,7 @@ from .loading import read_config
 from .lora import LoraMethods, LoraStack
 from .memory import MemoryLimit, MemoryPlan, activation_bytes, check_memory_limit, plan_memory
 from .quantize import check_bits
-from .sampling import Schedule, check_strength, denoise, eval_every_blocks
+from .sampling import Schedule, check_strength, denoise, eval_every_blocks, evaluated
 from .scheduler import SchedulerConfig, pack_latents, unpack_latents
 from .switches import Switches
 from .text_encoder import (
@@ -236,6 +236,7 @@ class PipelineOptions:
     eval_every: evaluate every so many transformer blocks (None: once per step); bounds a GPU's queued work.
     memory_limit_gb: MLX's memory limit while generating: GB, "auto" (the weights held + 2 GB) or None.
     batched_cfg: CFG's two passes as one batch of two when both texts have one length.
+    overlap_steps: build and queue each step's graph while the step before runs on the device (`sampling.evaluated`).
     schedule_modulation: every step's modulation computed before the loop; the transformer then runs without its
         modulation weights (6.8B of 20.4B parameters), which are read block by block and never resident.
     lora_adapters: run LoRAs as low-rank matmuls beside the (quantized) linears instead of merging them into the
@@ -255,6 +256,7 @@ class PipelineOptions:
     eval_every: int | None = None
     memory_limit_gb: float | str | None = "auto"
     batched_cfg: bool = True
+    overlap_steps: bool = True
     schedule_modulation: bool = True
     lora_adapters: bool = False
     variant: str | None = None
@@ -984,9 +986,8 @@ class QwenImagePipeline(LoraMethods):
         try:
             with tqdm(total=run, desc="denoising", unit="step", disable=not progress) as bar:
                 t = time.perf_counter()
-                for k, x_next in enumerate(loop):  # k counts the steps run, i is the schedule's step
-                    i = schedule.start + k
-                    mx.eval(x_next)
+                for k, x_next in enumerate(evaluated(loop, self.options.overlap_steps)):  # k: steps run
+                    i = schedule.start + k  # the schedule's step
                     x, before = x_next, x
                     stats.step_times_s.append(time.perf_counter() - t)
                     bar.update()

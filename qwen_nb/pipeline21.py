@@ -40,7 +40,7 @@ from .pipeline import (
     materialize,
 )
 from .qwen3_vl import Qwen3VLProcessor, Qwen3VLTextEncoder, composite_on_white, load_qwen3_vl
-from .sampling import Schedule
+from .sampling import Schedule, evaluated
 from .scheduler import FLOW_MATCH_DEFAULTS, SchedulerConfig, euler_step, flow_match_sigmas
 from .transformer21 import (
     TOKENS_PER_SLOT,
@@ -679,8 +679,7 @@ class QwenImage21Pipeline(LoraMethods):
         try:
             with tqdm(total=steps, desc="denoising", unit="step", disable=not progress) as bar:
                 t = time.perf_counter()
-                for i, x_next in enumerate(loop):
-                    mx.eval(x_next)
+                for i, x_next in enumerate(evaluated(loop, self.options.overlap_steps)):
                     x, before = x_next, x
                     stats.step_times_s.append(time.perf_counter() - t)
                     bar.update()

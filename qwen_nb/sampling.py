@@ -139,6 +139,31 @@ def denoise(
         yield x
 
 
+def evaluated(loop, overlap: bool = True):
+    """The loop's latents, each evaluated before it is yielded. With `overlap`, step k+1's graph is built (Python)
+    and queued while step k runs on the device (`mx.async_eval`), so the device does not wait between steps for
+    Python to trace the next one (about 11 ms per forward of the 60-block model, two forwards a CFG step); the
+    values are the same, only the order of the host's work changes. Without, each step is evaluated before the
+    next is built."""
+    it = iter(loop)
+    if not overlap:
+        for x in it:
+            mx.eval(x)
+            yield x
+        return
+    x = next(it, None)
+    if x is None:
+        return
+    mx.async_eval(x)
+    for following in it:  # built while x runs
+        mx.async_eval(following)
+        mx.eval(x)
+        yield x
+        x = following
+    mx.eval(x)
+    yield x
+
+
 def _repeat(text: tuple | None, batch: int) -> tuple | None:
     """(embeds, mask) of one prompt repeated for a batch of pictures."""
     if text is None or text[0].shape[0] == batch:

@@ -645,3 +645,31 @@ def test_sigmas_of_ones_own_match_diffusers(pipe_b, c):
 def test_bad_sigmas_name_the_rule(pipe_b, bad):
     with pytest.raises(ValueError, match=r"sigmas must be a non-empty list of numbers in \(0, 1\]"):
         pipe_b.generate("a fox", height=32, width=32, sigmas=bad, progress=False)
+
+
+def test_overlapped_steps_give_the_same_latents_in_order():
+    """overlap_steps (the default) queues step k+1 while step k runs: every step's latents, handed to the callback in
+    order, are bitwise those of the loop evaluated one step at a time, and the loop's each yielded value is evaluated."""
+    from qwen_nb.sampling import evaluated
+
+    runs = {}
+    for overlap in (True, False):
+        pipe = load(overlap_steps=overlap)
+        seen = []
+        run_case(pipe, "square_cfg", callback=lambda i, x, seen=seen: seen.append((i, np.array(x))))
+        runs[overlap] = seen
+    assert [i for i, _ in runs[True]] == list(range(len(runs[False])))
+    for (_, a), (_, b) in zip(runs[True], runs[False], strict=True):
+        np.testing.assert_array_equal(a, b)
+    made = []
+
+    def loop():
+        for k in range(3):
+            made.append(k)
+            yield mx.full((2,), float(k)) * 2
+
+    got = []
+    for x in evaluated(loop()):
+        got.append((x.tolist(), list(made)))
+    assert got == [([0.0, 0.0], [0, 1]), ([2.0, 2.0], [0, 1, 2]), ([4.0, 4.0], [0, 1, 2])]  # one step ahead
+    assert [x.tolist() for x in evaluated(loop(), overlap=False)] == [[0.0, 0.0], [2.0, 2.0], [4.0, 4.0]]
