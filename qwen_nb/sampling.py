@@ -143,9 +143,8 @@ def evaluated(loop, overlap: bool = True):
     """The loop's latents, each evaluated before it is yielded. With `overlap`, step k+1's graph is built (Python)
     and queued while step k runs on the device (`mx.async_eval`), so the device does not wait between steps for
     Python to trace the next one (11-16 ms per forward of the 60-block model on a 2-core x86 host, two forwards a
-    CFG step); the
-    values are the same, only the order of the host's work changes. Without, each step is evaluated before the
-    next is built."""
+    CFG step); the values are the same, only the order of the host's work changes. Without, each step is evaluated
+    before the next is built."""
     it = iter(loop)
     if not overlap:
         for x in it:
