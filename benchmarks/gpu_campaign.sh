@@ -133,7 +133,8 @@ case "${1:-}" in
     rm -rf "$out"/*_images
     ;;
   edit_pipeline)  # a whole Edit-2509 edit of one and of two pictures against diffusers' QwenImageEditPlusPipeline
-    timeout 560 "$py" benchmarks/bench_edit_pipeline.py --peer-python "$py" --timeout 270 --name edit_pipeline_h200 \
+    timeout 580 "$py" benchmarks/bench_edit_pipeline.py --peer-python "$py" --timeout 330 --name edit_pipeline_h200 \
+      --modes "sequenced,sequenced without overlap,resident" \
       2>&1 | tee "$out/edit_pipeline.log" | tail -16
     rm -rf "$out"/*_images
     ;;
