@@ -217,6 +217,9 @@ def main():
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    modes = [m.strip() for m in a.modes.split(",")]
+    if unknown := [m for m in modes if m not in MODES]:
+        ap.error(f"unknown --modes {unknown}: choose from {list(MODES)}")
     if a.worker:
         return serve({"qwen_nb": run_qwen_nb, "diffusers": run_diffusers}, a.worker, a.config, a.out)
     from common import finish
@@ -230,7 +233,7 @@ def main():
         steps=a.steps or (3 if a.tiny else 20),
         cfg_scale=a.cfg,
         negative_prompt=NEGATIVE,
-        modes=[m.strip() for m in a.modes.split(",") if m.strip() in MODES or ap.error(f"unknown mode {m!r}")],
+        modes=modes,
         dtype="bfloat16",
         weights="random, "
         + ("tiny configs" if a.tiny else "full-size configs (20B transformer, 7B text encoder + vision tower)"),

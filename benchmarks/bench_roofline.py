@@ -33,14 +33,15 @@ def main() -> None:
     ap.add_argument("--text", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
     a = ap.parse_args()
-    D, heads, hd, mlp = (3072, 24, 128, 12288) if not a.tiny else (64, 2, 32, 256)
+    cfg = TransformerConfig.tiny(num_layers=4) if a.tiny else TransformerConfig(num_layers=4)
+    heads, hd = cfg.num_attention_heads, cfg.attention_head_dim
+    D, mlp = cfg.dim, 4 * cfg.dim  # FeedForward's hidden width: 4 x the model's
     side = 64 if not a.tiny else 8  # latent tokens per side of a 1024x1024 picture (16 px each)
     dtype = mx.bfloat16 if not a.tiny else mx.float32
-    layers = 60
+    layers = TransformerConfig().num_layers  # the real checkpoint's depth, for the per-forward figures
     cases = {"text-to-image": 1, "edit, 1 picture": 2, "edit, 2 pictures": 3}
     L = a.text
     results, summary = {}, {}
-    cfg = TransformerConfig.tiny(num_layers=4) if a.tiny else TransformerConfig(num_layers=4)
     model = QwenImageTransformer(cfg)
     model.set_dtype(dtype)
     materialize(model)
@@ -115,7 +116,7 @@ def main() -> None:
         "linears: the block's four matmul shapes (q/k/v fused) on the image and the text tokens; attention: "
         "mx.fast.scaled_dot_product_attention over the joint sequence; block: a 4-layer QwenImageTransformer's "
         "forward / 4 (its embedding and output projection included, so a slight overestimate). forward_floor_s = 60 x "
-        "(linears + attention): what a step's two forwards cannot go under with these kernels."
+        "(linears + attention): what one forward cannot go under with these kernels; cfg_step_floor_s: two of them."
     )
     config["summary"] = summary
     print(write_report(name, config, results, notes))

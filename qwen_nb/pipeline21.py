@@ -187,6 +187,9 @@ class QwenImage21Pipeline(LoraMethods):
     """Qwen-Image 2.1: `from_pretrained(...)`, then `generate(prompt, image=None) -> PIL.Image` (RGBA)."""
 
     reads_pictures = True  # condition pictures, optional (qwen_nb.panel shows a picture upload)
+    # keep_text_encoder=None: sequenced wherever it fits (on an H200 peak 18.1 GB instead of 34.4, 3.22 s against 3.15:
+    # assets/bench/qwen21_h200.json), as the edit pipelines
+    sequenced_by_default = True
     native_size = (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION)  # without a picture, output_resolution square
 
     def __init__(
@@ -242,7 +245,7 @@ class QwenImage21Pipeline(LoraMethods):
         folder = resolve21(repo_id_or_folder, revision, cache_dir, opts.verbose, opts.variant)
         index = read_config(folder, "model_index.json")
         h, w = plan_size or (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION)
-        kinds = dict(schedule_modulation=False, variant=opts.variant, prefer_sequenced=True)
+        kinds = dict(schedule_modulation=False, variant=opts.variant, prefer_sequenced=cls.sequenced_by_default)
         plan = plan_memory(folder, opts.dtype, opts.quantize, opts.keep_text_encoder, h, w, **kinds)
         if opts.check_memory and not plan.fits:
             plan.check({b: plan_memory(folder, opts.dtype, b, None, h, w, budget=plan.budget, **kinds) for b in (8, 4)})
@@ -428,7 +431,8 @@ class QwenImage21Pipeline(LoraMethods):
             def with_vision(bits):
                 return plan_memory(
                     self.folder, self.dtype, bits, plan.keep_text_encoder or None, *plan.size, budget=plan.budget,
-                    schedule_modulation=False, vision=True, variant=self.options.variant, prefer_sequenced=True,
+                    schedule_modulation=False, vision=True, variant=self.options.variant,
+                    prefer_sequenced=self.sequenced_by_default,
                 )  # fmt: skip
 
             needed = with_vision(self.options.quantize)
