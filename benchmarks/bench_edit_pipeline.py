@@ -9,9 +9,10 @@ each variant first runs a 2-step warm-up edit, then the timed one with another p
 
     python benchmarks/bench_edit_pipeline.py [--tiny] [--steps 20] [--no-peer] [--peer-python PY] [--name N]
 
-qwen_nb runs twice: sequenced (the text encoder and vision tower freed before the transformer's weights are read:
-the pipeline's choice where both do not fit, and its smallest peak) and resident (every model kept, as diffusers
-runs and as the pipeline's default plan picks on a card this large). In sequenced mode each edit reads the
+qwen_nb runs in each of --modes (MODES: default "sequenced,resident"): sequenced (the default: the text encoder and
+vision tower freed before the transformer's weights are read, the smallest peak), resident (every model kept, as
+diffusers runs), and sequenced without the step overlap or without the pipeline's memory limit, to time what each
+costs or buys. In sequenced mode each edit reads the
 transformer again after encoding its prompt: that reading is `weights_s`, reported apart from `median_s` (which
 counts what diffusers' call does with its weights resident). No real vocabulary can be downloaded here, so both use
 the tiny test tokenizer of tests/fixtures/tiny_edit (the prompt's own tokens are fewer than the real tokenizer's;
@@ -63,14 +64,15 @@ def prompt_for(count: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ qwen_nb worker
-MODES = {  # name: (keep_text_encoder, overlap_steps)
-    "sequenced": (False, True),  # the default
-    "resident": (True, True),
-    "sequenced without overlap": (False, False),  # each step evaluated before the next is built
+MODES = {  # name: the pipeline's options that differ from its defaults
+    "sequenced": {},  # the default
+    "resident": {"keep_text_encoder": True},
+    "sequenced without overlap": {"overlap_steps": False},  # each step evaluated before the next is built
+    "sequenced without memory limit": {"memory_limit_gb": None},  # MLX's own limit in place of the weights + 2 GB
 }
 
 
-def build_qwen_nb(sizes: dict, keep_text_encoder: bool, dtype_name: str = "bfloat16", overlap_steps: bool = True):
+def build_qwen_nb(sizes: dict, dtype_name: str = "bfloat16", **options):
     import mlx.core as mx
 
     from qwen_nb.edit import QwenImageEditPipeline
@@ -104,18 +106,16 @@ def build_qwen_nb(sizes: dict, keep_text_encoder: bool, dtype_name: str = "bfloa
         kind="plus",
         vision_config=vision,
         dtype=dtype,
-        keep_text_encoder=keep_text_encoder,
-        overlap_steps=overlap_steps,
         verbose=False,
+        **{"keep_text_encoder": False, **options},
     )
 
 
 def run_qwen_nb(cfg: dict, out_dir: Path) -> dict:
     results = {}
     for mode in cfg["modes"]:
-        keep, overlap = MODES[mode]
         # a CPU computes bfloat16 slowly: the tiny smoke test runs qwen_nb in float32
-        pipe = build_qwen_nb(TINY if cfg["tiny"] else FULL, keep, "float32" if cfg["tiny"] else "bfloat16", overlap)
+        pipe = build_qwen_nb(TINY if cfg["tiny"] else FULL, "float32" if cfg["tiny"] else "bfloat16", **MODES[mode])
         for label, count in VARIANTS.items():
             pics = pictures(count)
             common = dict(height=cfg["height"], width=cfg["width"], cfg_scale=cfg["cfg_scale"], progress=False)

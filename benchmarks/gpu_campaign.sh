@@ -134,7 +134,7 @@ case "${1:-}" in
     ;;
   edit_pipeline)  # a whole Edit-2509 edit of one and of two pictures against diffusers' QwenImageEditPlusPipeline
     timeout 580 "$py" benchmarks/bench_edit_pipeline.py --peer-python "$py" --timeout 330 --name edit_pipeline_h200 \
-      --modes "sequenced,sequenced without overlap,resident" \
+      --modes "sequenced,sequenced without overlap,sequenced without memory limit" \
       2>&1 | tee "$out/edit_pipeline.log" | tail -16
     rm -rf "$out"/*_images
     ;;
