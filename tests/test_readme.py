@@ -135,9 +135,17 @@ def test_readme_h200_figures_of_2026_12_05_are_the_committed_ones():
         ran = e[f"qwen_nb {label} (sequenced)"]
         assert (r["measured_s"], r["measured_step_s"]) == (round(ran["median_s"], 2), round(ran["step_median_s"], 4))
 
+    forward = report("transformer_h200")
+    merged = {8: forward["quant/int8"]["median_s"], 4: forward["quant/int4"]["median_s"]}  # a merged LoRA's step
+    assert f"an 8-bit forward takes {merged[8]:.3f} s and a 4-bit one {merged[4]:.3f} s" in readme
+    more = []
     for bits in (8, 4):
         r = report(f"pipeline_fast8_lora64_qquantize{bits}loraadapters_h200")["qwen_nb"]
         assert f"{r['median_s']:.2f} s at {bits} bits ({r['step_s']:.3f} s/step, peak {r['peak_gb']:.1f} GB)" in readme
+        more.append(round(100 * (r["step_s"] / merged[bits] - 1)))
+    assert f"{more[0]}% and {more[1]}% more a step than the quantized forward alone" in readme
+    bf16 = forward["forward/optimized"]["median_s"]
+    assert f"takes {merged[8] / bf16:.1f}x a bfloat16 one ({merged[8]:.3f} s against {bf16:.3f} s in the same" in readme
 
 
 def test_the_edit_floor_counts_the_models_own_linears():
